@@ -267,8 +267,8 @@ class GeoBackbone(nn.Module):
 
     def forward(self, images, context=None):
         c = self.config
+        x = self.aggregate(images, context)  # checks images first
         B, V, _, H, W = images.shape
-        x = self.aggregate(images, context)
         tokens = x[:, :, 1 + c.num_registers:]  # (B, V, N, D)
         log_depth = unpatchify(self.depth_head(tokens), c.patch_size, H, W)  # (B, V, H, W)
         cam = self.camera_head(x[:, :, 0]).float()  # (B, V, 11)
