@@ -1,0 +1,325 @@
+"""Tests for eval.py: every expected score here is worked out by hand (or by a brute-force loop), not by eval."""
+import json
+import os
+from fractions import Fraction
+
+import pytest
+import torch
+
+import eval as ev
+
+FOUR = ["A. 1.2", "B. left", "C. 3.5", "D. behind"]
+
+
+# TEMPORARY, until data.py lands: a bare JSONL reader standing in for data.load_qa_jsonl (no validation).
+# Inert once data.py exists; delete it then.
+@pytest.fixture(autouse=True)
+def _data_until_data_py_lands(monkeypatch):
+    try:
+        import data  # noqa: F401
+    except ImportError:
+        import types
+        stub = types.ModuleType("data")
+        stub.load_qa_jsonl = lambda path: [json.loads(line) for line in open(path) if line.strip()]
+        monkeypatch.setitem(__import__("sys").modules, "data", stub)
+
+
+# -----------------------------------------------------------------------------
+# Helpers: question records in the contract's layout, written where eval.run reads them
+
+def question(qid, task, answer, options=None, **extra):
+    record = {"id": qid, "scene": "scene_000", "task": task, "level": ev.TASK_LEVEL[task],
+              "format_type": "select" if options else "fill", "img_type": "single_view", "image": [0, 1],
+              "question": "?", "answer": answer, **extra}
+    if options:
+        record["options"] = options
+    return record
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(path)
+
+
+def data_dir(tmp_path, val, train=None):
+    write_jsonl(tmp_path / "qa_val.jsonl", val)
+    if train is not None:
+        write_jsonl(tmp_path / "qa_train.jsonl", train)
+    return str(tmp_path)
+
+
+def score_file(tmp_path, capsys, val, predictions, train=None):
+    """Run `eval.py --predictions=... --data=...` and return (result, stdout)."""
+    cfg = ev.EvalConfig(data=data_dir(tmp_path, val, train), predictions=write_jsonl(tmp_path / "p.jsonl", predictions),
+                        json_out=str(tmp_path / "scores.json"))
+    result = ev.run(cfg)
+    return result, capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# Numbers and MRA
+
+@pytest.mark.parametrize("pred, truth, expected", [
+    ("2", "2", 1.0),
+    ("2.09", "2", 1.0),     # error 4.5 %  < 5 %: every θ
+    ("2.1", "2", 0.9),      # error exactly 5 %: fails θ=0.95 (strict <), passes the other nine
+    ("21", "20", 0.9),      # exactly 5 % again; 1/20 in floats would pass θ=0.95 (0.05 < 1-0.95 = 0.05000000000000004)
+    ("2.999", "2", 0.1),    # 49.95 %: only θ=0.50
+    ("3", "2", 0.0),        # exactly 50 %: fails θ=0.50 too
+    ("1", "2", 0.0),        # 50 % below
+    ("2.5", "2", 0.5),      # 25 %: θ = 0.50..0.70 pass (tolerance 0.50..0.30 > 0.25), 0.75 (tolerance 0.25) fails
+    ("-3.3", "-3", 0.8),    # 10 % of |y|: tolerances 0.50..0.15 pass, 0.10 fails
+    ("0", "0", 1.0),        # ground truth 0: exact match only
+    ("0.001", "0", 0.0),
+])
+def test_mra_at_threshold_edges(pred, truth, expected):
+    assert ev.mra(Fraction(pred), Fraction(truth)) == expected
+
+
+def test_mra_matches_formula_away_from_edges():
+    # Brute force over the formula in floats, on values whose relative error is not within 1e-6 of a threshold.
+    gen = torch.Generator().manual_seed(0)
+    for truth, pred in (torch.rand(200, 2, generator=gen) * 10 + 0.1).tolist():
+        error = abs(pred - truth) / truth
+        if min(abs(error - t / 100) for t in range(5, 55, 5)) < 1e-6:
+            continue
+        expected = sum(error < 1 - theta for theta in [0.5 + 0.05 * k for k in range(10)]) / 10
+        assert ev.mra(Fraction(pred), Fraction(truth)) == expected
+
+
+@pytest.mark.parametrize("text, numbers", [
+    ("2.5 m", [2.5]), ("about 2.5 meters", [2.5]), ("-3", [-3]), ("1e2", [100]), (".5", [0.5]),
+    ("0.52, 1.20, -30", [0.52, 1.2, -30]), ("no idea", []), ("", []), ("1e999", [1, 999]),
+])
+def test_parse_numbers(text, numbers):
+    assert ev.parse_numbers(text) == [Fraction(str(n)) for n in numbers]
+
+
+def test_fill_uses_first_number_and_non_numbers_score_zero():
+    record = question("q", "depth_prediction_oc", "2.0")
+    assert ev.score_record(record, "It is about 2 m, maybe 5") == 1.0
+    assert ev.score_record(record, "two metres") == 0.0
+
+
+def test_view_change_is_mean_mra_per_axis_relative_to_truth():
+    record = question("q", "view_change_infer", "1.00, 2.00, -30")
+    assert ev.score_record(record, "1.00, 2.00, -30") == 1.0
+    # right 1.8 vs 1: error 0.8 of the truth -> 0 (dividing by the prediction would give 0.44 -> 0.1);
+    # forward 2.1 vs 2: 5 % -> 0.9; yaw -30 exact -> 1.
+    assert ev.score_record(record, "right 1.8 m, forward 2.1 m, turn -30 degrees") == pytest.approx((0 + 0.9 + 1) / 3)
+    # Fewer than three numbers: the missing axes score 0.
+    assert ev.score_record(record, "1.0, 2.0") == pytest.approx(2 / 3)
+
+
+# -----------------------------------------------------------------------------
+# Multiple choice
+
+@pytest.mark.parametrize("answer, letter", [
+    ("B", "B"), ("B.", "B"), ("(B)", "B"), ("[b]", "B"), ("b", "B"), ("**C**", "C"), ("  D\n", "D"),
+    ("B) left", "B"), ("(b) left", "B"), ("C. 3.5 m", "C"), ("a: 1.2", "A"),
+    ("The answer is B", "B"), ("The answer is B because it is closer.", "B"), ("answer: b", "B"),
+    ("Answer: (c)", "C"), ("I pick option D.", "D"), ("the answer is a.", "A"),
+    ("left", "B"), ("Behind.", "D"), ("B. left", "B"), ("1.2", "A"),
+    ("E", "E"),                                   # returned as it is; a letter beyond the options scores wrong
+    ("the answer is a chair", None), ("a chair is on the left side", None), ("I think so", None),
+    ("", None), ("   ", None), ("somewhere", None),
+])
+def test_extract_letter(answer, letter):
+    assert ev.extract_letter(answer, FOUR) == letter
+
+
+def test_select_scoring_empty_and_out_of_range_are_wrong():
+    record = question("q", "position_matching", "B", FOUR)
+    assert ev.score_record(record, "B.") == 1.0
+    assert ev.score_record(record, "") == 0.0      # SPAR-Bench's evaluator scores this 1
+    assert ev.score_record(record, " \n") == 0.0
+    assert ev.score_record(record, "F") == 0.0
+    assert ev.score_record(question("q", "object_counting", "3"), "") == 0.0
+
+
+# -----------------------------------------------------------------------------
+# Task, level and overall means on a small predictions file
+
+def synthetic_split():
+    val = [
+        question("d1", "depth_prediction_oc", "2.0"), question("d2", "depth_prediction_oc", "4.0"),
+        question("s1", "distance_prediction_oo", "B", FOUR), question("s2", "distance_prediction_oo", "A", FOUR),
+        question("v1", "view_change_infer", "1.0, 2.0, -30"),
+        question("i1", "spatial_imagination_oc", "D", FOUR),
+        question("c1", "object_counting", "4"),
+        question("r1", "object_rel_direction", "A", FOUR, difficulty="easy"),
+        question("r2", "object_rel_direction", "B", FOUR, difficulty="easy"),
+        question("r3", "object_rel_direction", "C", FOUR, difficulty="hard"),
+        question("m1", "room_size_estimation", "20"),
+    ]
+    preds = {"d1": "2.0", "d2": "5", "s1": "B", "s2": "C", "v1": "1.0, 2.0, -30", "i1": "", "c1": "4",
+             "r1": "A", "r2": "D", "r3": "(C)", "m1": "21 square meters"}
+    return val, [{"id": k, "prediction": v} for k, v in preds.items()]
+
+
+def test_level_and_overall_means(tmp_path, capsys):
+    val, preds = synthetic_split()
+    result, out = score_file(tmp_path, capsys, val, preds)
+    tasks = result["model"]["tasks"]
+    # depth: 1.0 and 5 vs 4 (25 % -> 0.5); distance: 1 of 2; view change exact; imagination empty -> 0.
+    assert tasks["depth_prediction_oc"] == pytest.approx(75)
+    assert tasks["distance_prediction_oo"] == pytest.approx(50)
+    assert tasks["view_change_infer"] == pytest.approx(100)
+    assert tasks["spatial_imagination_oc"] == pytest.approx(0)
+    # rel_direction: mean over difficulties (easy 50, hard 100) = 75, not the pooled 2/3; room size: 5 % -> 0.9.
+    assert tasks["object_rel_direction"] == pytest.approx(75)
+    assert tasks["room_size_estimation"] == pytest.approx(90)
+    assert result["model"]["levels"] == pytest.approx(
+        {"low": 62.5, "middle": 100, "high": 0, "configuration": 87.5, "measurement": 90})
+    assert result["model"]["benchmarks"] == pytest.approx({"SPAR-Bench": 56.25, "VSI-Bench": 265 / 3})
+    assert result["model"]["overall"] == pytest.approx(490 / 7)
+    assert out.rstrip("\n").splitlines()[-1] == "overall: 70.00"
+    assert "## SPAR-Bench" in out and "## VSI-Bench" in out and "| depth_prediction_oc | low | 2 | 75.00 |" in out
+    assert "no prediction" not in out and "baselines are left out" in out
+    saved = json.load(open(tmp_path / "scores.json"))
+    assert saved["model"]["overall"] == pytest.approx(70) and saved["chance_uniform"] is None
+
+
+def test_only_benchmarks_with_questions_are_printed(tmp_path, capsys):
+    val = [question("c1", "object_counting", "4")]
+    result, out = score_file(tmp_path, capsys, val, [{"id": "c1", "prediction": "4"}])
+    assert "## VSI-Bench" in out and "SPAR-Bench" not in out and result["model"]["overall"] == 100
+
+
+# -----------------------------------------------------------------------------
+# Baselines
+
+def test_baselines_on_known_training_answers(tmp_path, capsys):
+    three = ["A. x", "B. y", "C. z"]
+    train = [question(f"t{i}", "position_matching", a, three) for i, a in enumerate("ABBC")]      # most frequent: B
+    train += [question(f"u{i}", "camera_motion_infer", a, three) for i, a in enumerate("BA")]     # tie -> A
+    train += [question(f"w{i}", "depth_prediction_oo", a) for i, a in enumerate(["1", "1", "4"])]  # mean 2, mode 1
+    train += [question("x0", "view_change_infer", "1, 2, 30"), question("x1", "view_change_infer", "3, 2, 30")]
+    val = [question("p1", "position_matching", "B", three), question("p2", "position_matching", "A", three),
+           question("p3", "position_matching", "B", three), question("m1", "camera_motion_infer", "A", three),
+           question("o1", "depth_prediction_oo", "2"), question("v1", "view_change_infer", "2, 2, 30"),
+           question("n1", "object_counting", "3")]                                               # not in train
+    result, out = score_file(tmp_path, capsys, val, [], train)
+    uniform, frequency = result["chance_uniform"]["tasks"], result["chance_frequency"]["tasks"]
+    assert uniform["position_matching"] == pytest.approx(100 / 3)
+    assert frequency["position_matching"] == pytest.approx(200 / 3)
+    assert frequency["camera_motion_infer"] == pytest.approx(100)
+    assert uniform["depth_prediction_oo"] == pytest.approx(100)   # predicts 2 = truth
+    assert frequency["depth_prediction_oo"] == pytest.approx(0)   # predicts 1: 50 % off
+    assert uniform["view_change_infer"] == pytest.approx(100)     # per-axis means (2, 2, 30)
+    # per-axis modes: right ties 1 vs 3 -> 1 (50 % off: 0); forward 2 and yaw 30 exact.
+    assert frequency["view_change_infer"] == pytest.approx(200 / 3)
+    assert "object_counting" not in uniform and "object_counting" not in frequency
+    assert "| object_counting | configuration | 1 | 0.00 | – | – |" in out
+    assert result["n_missing"] == len(val) and f"{len(val)} of {len(val)} questions have no prediction" in out
+
+
+# -----------------------------------------------------------------------------
+# Malformed and incomplete predictions files
+
+@pytest.mark.parametrize("lines, lineno, field", [
+    (['{"prediction": "B"}'], 1, "id"),
+    (['{"id": "s1", "prediction": "B"}', "", '{"id": "s1", "prediction": "C"}'], 3, "id"),
+    (['{"id": "nope", "prediction": "B"}'], 1, "id"),
+    (['{"id": ["s1"], "prediction": "B"}'], 1, "id"),
+    (['{"id": "s1", "prediction": 2}'], 1, "prediction"),
+    (['{"id": "s1", "prediction": null}'], 1, "prediction"),
+    (['{"id": "s1"}'], 1, "prediction"),
+])
+def test_malformed_predictions_name_file_line_and_field(tmp_path, lines, lineno, field):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as err:
+        ev.read_predictions(str(path), [question("s1", "position_matching", "B", FOUR)])
+    message = str(err.value)
+    assert message.startswith(f"{path} line {lineno}: field '{field}'") and "\n" not in message
+
+
+def test_bad_json_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "s1", "prediction": "B"}\n{"id": \n')
+    with pytest.raises(ValueError, match=f"^{path} line 2: not valid JSON"):
+        ev.read_predictions(str(path), [question("s1", "position_matching", "B", FOUR)])
+
+
+def test_missing_predictions_score_zero_and_are_counted(tmp_path, capsys):
+    val, preds = synthetic_split()
+    full, _ = score_file(tmp_path, capsys, val, preds)
+    kept = [p for p in preds if p["id"] not in ("d1", "c1")]
+    part, out = score_file(tmp_path, capsys, val, kept)
+    assert part["n_missing"] == 2 and "2 of 11 questions have no prediction; they score 0" in out
+    assert part["model"]["tasks"]["depth_prediction_oc"] == pytest.approx(25)   # d1's 1.0 lost
+    assert part["model"]["tasks"]["object_counting"] == 0
+    assert full["model"]["tasks"]["object_counting"] == 100
+
+
+def test_integer_ids_match_string_ids(tmp_path):
+    # Other systems' VSI-Bench outputs carry integer ids; from_vsibench makes the questions' ids strings.
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": 17, "prediction": "C"}])
+    assert ev.read_predictions(path, [question("17", "route_planning", "C", FOUR)]) == {"17": "C"}
+
+
+# -----------------------------------------------------------------------------
+# Model mode with a stand-in for vlm.py
+
+class Oracle:
+    """Answers every question correctly in a different surface form, and remembers what it was given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def answer(self, records, images):
+        self.calls.append([tuple(x.shape) for x in images])
+        return [f"The answer is {r['answer']}" if r["format_type"] == "select" else f"{r['answer']} m" for r in records]
+
+
+def frames(record):
+    return torch.zeros(len(record["image"]), 3, 8, 8)
+
+
+def test_predict_batches_in_order():
+    records = [question(f"q{i}", "object_counting", str(i + 1), image=list(range(i + 1))) for i in range(5)]
+    model = Oracle()
+    assert ev.predict(model, records, frames, batch_size=2) == ["1 m", "2 m", "3 m", "4 m", "5 m"]
+    assert model.calls == [[(1, 3, 8, 8), (2, 3, 8, 8)], [(3, 3, 8, 8), (4, 3, 8, 8)], [(5, 3, 8, 8)]]
+
+
+def test_model_mode_writes_predictions_that_score_the_same(tmp_path, capsys):
+    val, _ = synthetic_split()
+    cfg = ev.EvalConfig(data=data_dir(tmp_path, val), ckpt=str(tmp_path / "ckpt"), batch_size=4,
+                        json_out=str(tmp_path / "run" / "scores.json"))
+    result = ev.run(cfg, model=Oracle(), load_frames=frames)
+    capsys.readouterr()
+    written = tmp_path / "run" / "predictions.jsonl"
+    assert result["model"]["overall"] == pytest.approx(100)
+    assert sorted(os.listdir(tmp_path / "run")) == ["predictions.jsonl", "scores.json"]   # no temporary left
+    rescored = ev.run(ev.EvalConfig(data=cfg.data, predictions=str(written)))
+    assert rescored["model"] == result["model"]
+
+
+# -----------------------------------------------------------------------------
+# VSI-Bench records and the command line
+
+def test_from_vsibench():
+    row = {"id": 17, "dataset": "arkitscenes", "scene_name": "41069025", "question_type": "object_rel_direction_hard",
+           "question": "If I am standing by the sofa ...", "options": ["A. left", "B. right", "C. back"],
+           "ground_truth": "C"}
+    record = ev.from_vsibench(row)
+    assert record == {"id": "17", "scene": "41069025", "task": "object_rel_direction", "level": "configuration",
+                      "format_type": "select", "img_type": "video", "image": [], "question": row["question"],
+                      "answer": "C", "options": ["A. left", "B. right", "C. back"], "difficulty": "hard"}
+    numeric = ev.from_vsibench({"id": 3, "scene_name": "s", "question_type": "room_size_estimation",
+                                "question": "?", "options": None, "ground_truth": 21.5})
+    assert numeric["format_type"] == "fill" and numeric["answer"] == "21.5" and "options" not in numeric
+    with pytest.raises(ValueError, match="field 'question_type'"):
+        ev.from_vsibench({**row, "question_type": "object_rel_direction_extreme"})
+
+
+def test_parse_args():
+    cfg = ev.parse_args(["--predictions=p.jsonl", "--data=d", "--batch_size=4"])
+    assert (cfg.predictions, cfg.data, cfg.batch_size, cfg.split) == ("p.jsonl", "d", 4, "val")
+    for bad in (["--predictions", "p.jsonl"], ["--predictions=p", "--ckpt=c"], ["--data=d"],
+                ["--predictions=p", "--batch_size=x"], ["--predictions=p", "--split=test"], ["--predictions=p", "--nope=1"]):
+        with pytest.raises(SystemExit):
+            ev.parse_args(bad)
