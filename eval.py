@@ -265,8 +265,8 @@ def write_atomic(path, text):
 
 
 def write_predictions(path, records, predictions):
-    lines = [json.dumps({"id": r["id"], "task": r["task"], "prediction": p}) + "\n" for r, p in zip(records, predictions)]
-    write_atomic(path, "".join(lines))
+    rows = [{"id": r["id"], "task": r["task"], "prediction": p} for r, p in zip(records, predictions)]
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 # -----------------------------------------------------------------------------
@@ -367,7 +367,8 @@ def report(result):
                     lines.append(f"| {task} | {level} | {result['counts'][task]} | " + " | ".join(cells) + " |")
         for level in level_tasks:
             if level in result["model"]["levels"]:
-                lines.append(f"| **{level}** | | | " + " | ".join(_cell(result[k], "levels", level) for k, _ in columns) + " |")
+                cells = [_cell(result[key], "levels", level) for key, _ in columns]
+                lines.append(f"| **{level}** | | | " + " | ".join(cells) + " |")
         total = sum(result["counts"].get(t, 0) for tasks in level_tasks.values() for t in tasks)
         cells = [_cell(result[key], "benchmarks", benchmark) for key, _ in columns]
         lines += [f"| **{benchmark} overall** | | {total} | " + " | ".join(cells) + " |", ""]

@@ -319,7 +319,10 @@ def test_from_vsibench():
 def test_parse_args():
     cfg = ev.parse_args(["--predictions=p.jsonl", "--data=d", "--batch_size=4"])
     assert (cfg.predictions, cfg.data, cfg.batch_size, cfg.split) == ("p.jsonl", "d", 4, "val")
-    for bad in (["--predictions", "p.jsonl"], ["--predictions=p", "--ckpt=c"], ["--data=d"],
-                ["--predictions=p", "--batch_size=x"], ["--predictions=p", "--split=test"], ["--predictions=p", "--nope=1"]):
+    bad_args = [["--predictions", "p.jsonl"], ["--predictions=p", "--ckpt=c"], ["--data=d"],
+                ["--predictions=p", "--nope=1"],
+                ["--predictions=p", "--batch_size=x"], ["--predictions=p", "--batch_size=0"],
+                ["--predictions=p", "--split=test"]]
+    for bad in bad_args:
         with pytest.raises(SystemExit):
             ev.parse_args(bad)
