@@ -96,12 +96,14 @@ class Attention(nn.Module):
         prope: psfm.PRoPE, per-token camera transforms (it replaces rope when given)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        dtype = v.dtype  # bf16 under autocast; the norms and the fp32 RoPE / PRoPE tables promote to fp32
         q, k = self.q_norm(q), self.k_norm(k)
         if prope is not None:
             q, k, v = prope.q(q), prope.kv(k), prope.kv(v)
         elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, T, hd)
+        # one dtype for all three, or CUDA's flash kernel refuses them
+        o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=attn_mask)  # (B, h, T, hd)
         if prope is not None:
             o = prope.o(o)
         return self.proj(o.transpose(1, 2).reshape(B, T, D))

@@ -1,6 +1,7 @@
 """Tests for model.py: RoPE, attention, the cross-view transformer, camera geometry, geo_loss, FLOPs, overfitting.
 
 synthetic_batch() (two box rooms, ray-cast here) and trained_backbone() are shared with tests/test_psfm.py."""
+import contextlib
 import functools
 import math
 
@@ -77,23 +78,29 @@ def trained_backbone(steps=150):
     return backbone, losses
 
 
+@contextlib.contextmanager
+def watched_sdpa():
+    """Records (q shape, k shape, {q, k, v dtypes}) of every scaled_dot_product_attention call inside."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def watched(q, k, v, **kwargs):
+        calls.append((q.shape, k.shape, {q.dtype, k.dtype, v.dtype}))
+        return sdpa(q, k, v, **kwargs)
+
+    F.scaled_dot_product_attention = watched
+    try:
+        yield calls
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
 def count_flops(fn):
     """FLOPs of fn() by torch's counter for matmuls and convolutions, plus 4 * B * h * Tq * Tk * hd for each
     scaled_dot_product_attention call (the counter does not see SDPA on CPU)."""
-    attention = []
-    sdpa = F.scaled_dot_product_attention
-
-    def counted(q, k, v, **kwargs):
-        attention.append(4 * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1])
-        return sdpa(q, k, v, **kwargs)
-
-    F.scaled_dot_product_attention = counted
-    try:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-    finally:
-        F.scaled_dot_product_attention = sdpa
-    return counter.get_total_flops() + sum(attention)
+    with watched_sdpa() as calls, FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() + sum(4 * q[:-1].numel() * k[-2] * q[-1] for q, k, _ in calls)
 
 
 # ----------------------------------------------------------------------------- RoPE and attention
@@ -206,6 +213,19 @@ def test_heads_and_loss_finite_on_random_input():
     assert set(terms) == {"depth", "translation", "rotation", "focal"}
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in backbone.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype")  # CPU RMSNorm on bf16 input with fp32 weights
+def test_bf16_autocast_feeds_attention_one_dtype():
+    """CUDA's SDPA refuses mixed dtypes: the fp32 RoPE tables and norms must not leak into q and k."""
+    torch.manual_seed(0)
+    backbone = GeoBackbone(GeoConfig.tiny())
+    batch = synthetic_batch()
+    with watched_sdpa() as calls, torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = backbone(batch["images"])
+        loss, _ = geo_loss(pred, batch)
+    assert calls and all(dtypes == {torch.bfloat16} for _, _, dtypes in calls)
+    assert pred["pose"].dtype == torch.float32 and torch.isfinite(loss)
 
 
 # ----------------------------------------------------------------------------- camera geometry and the loss

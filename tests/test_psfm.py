@@ -8,7 +8,7 @@ import torch
 from model import Attention, GeoBackbone, GeoConfig, grid_positions, relative_to_view0
 from psfm import (PRoPE, PSFM, Spa3RConfig, camera_rays, feature_loss, flops_per_sample, num_context_views,
                   patch_centres, patch_log_depth, plucker_rays, prope_matrices, sample_context, semantic_field)
-from test_model import count_flops, look_pose, synthetic_batch, trained_backbone
+from test_model import count_flops, look_pose, synthetic_batch, trained_backbone, watched_sdpa
 
 
 def tiny_psfm(seed=0, **overrides):
@@ -196,6 +196,15 @@ def test_losses_finite_on_random_input(camera_attention, pose_source):
     assert all(p.grad is None for p in psfm.backbone.parameters())  # frozen
     trained = [p for p in psfm.parameters() if p.requires_grad]
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype")  # CPU RMSNorm on bf16 input with fp32 weights
+def test_bf16_autocast_prope_feeds_attention_one_dtype():
+    psfm = tiny_psfm(camera_attention="prope")
+    with watched_sdpa() as calls, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = psfm(synthetic_batch())
+    assert calls and all(dtypes == {torch.bfloat16} for _, _, dtypes in calls)
+    assert torch.isfinite(loss)
 
 
 def test_depth_probe_sends_no_gradient_into_the_decoder():
