@@ -45,6 +45,12 @@ class GeoConfig:
     mlp_ratio: float = 4.0
     rope_base: float = 100.0
 
+    def __post_init__(self):
+        if (self.dim // self.num_heads) % 8:
+            raise ValueError(f"model.py: GeoConfig head_dim (dim / num_heads) must be a multiple of 8, got {self.dim // self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.py: GeoConfig.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
     @classmethod
     def tiny(cls):
         return cls()
@@ -217,7 +223,6 @@ class GeoBackbone(nn.Module):
     def __init__(self, config):
         super().__init__()
         c = config
-        assert (c.dim // c.num_heads) % 8 == 0, "model.py: GeoConfig head_dim (dim / num_heads) must be a multiple of 8"
         self.config = c
         self.vit = ViT(c)
         # row 0 marks view 0, row 1 every other view: the reference view defines the scene frame (VGGT does the same)

@@ -268,6 +268,10 @@ def test_geo_loss_hand_case():
 
 
 def test_bad_input_names_the_field():
+    with pytest.raises(ValueError, match="head_dim"):
+        GeoConfig(dim=48, num_heads=4)
+    with pytest.raises(ValueError, match="image_size"):
+        GeoConfig(image_size=30)
     backbone = GeoBackbone(GeoConfig.tiny())
     with pytest.raises(ValueError, match="images must be"):
         backbone(torch.rand(2, 3, 32, 32))
