@@ -602,3 +602,725 @@ def write_atomic(path, blob):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+# -----------------------------------------------------------------------------
+# 6. Visibility and markers. An object is asked about in a view only if enough of its pixels are visible in
+# that view's instance map, so every question is answerable from its images. Markers use SPAR's 0-1000 grid.
+
+MARKER_COLORS = ["red", "green", "blue", "yellow", "magenta", "cyan"]
+MARKER_RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+              "magenta": (255, 0, 255), "cyan": (0, 255, 255)}
+
+
+@dataclass
+class SceneViews:
+    """Everything the QA engine knows about one scene: ground truth plus, per view, what is visible."""
+    scene: dict            # room, objects (the scene json)
+    K: np.ndarray          # (V, 3, 3)
+    poses: np.ndarray      # (V, 4, 4) camera-to-world
+    video_frames: int      # views 0..video_frames-1 are the ordered walk
+    pixels: np.ndarray     # (V, n_objects) visible pixel count per view and object
+    points: np.ndarray     # (V, n_objects, 2) marker point (grid 0-1000): the visible pixel nearest the centroid
+    boxes: np.ndarray      # (V, n_objects, 4) visible bounding box on the grid: x0, y0, x1, y1
+    min_pixels: int        # how many visible pixels make an object visible
+
+    def visible(self, view):
+        return [int(o) for o in np.flatnonzero(self.pixels[view] >= self.min_pixels)]
+
+
+def measure_visibility(instance, n_objects):
+    """Per view and object: visible pixel count, marker point and box on the 0-1000 grid, from instance maps."""
+    views, height, width = instance.shape
+    pixels = np.zeros((views, n_objects), dtype=np.int64)
+    points = np.zeros((views, n_objects, 2), dtype=np.int64)
+    boxes = np.zeros((views, n_objects, 4), dtype=np.int64)
+    to_grid = np.array([1000 / width, 1000 / height])
+    for view in range(views):
+        v, u = np.nonzero(instance[view] >= 0)
+        ids = instance[view][v, u].astype(np.int64)
+        order = np.argsort(ids, kind="stable")
+        v, u, ids = v[order], u[order], ids[order]
+        starts = np.searchsorted(ids, np.arange(n_objects + 1))
+        for obj in range(n_objects):
+            ou, ov = u[starts[obj]:starts[obj + 1]], v[starts[obj]:starts[obj + 1]]
+            if len(ou) == 0:
+                continue
+            nearest = np.argmin((ou - ou.mean()) ** 2 + (ov - ov.mean()) ** 2)
+            pixels[view, obj] = len(ou)
+            points[view, obj] = np.round((np.array([ou[nearest], ov[nearest]]) + 0.5) * to_grid)
+            boxes[view, obj] = np.round(np.array([ou.min(), ov.min(), ou.max() + 1, ov.max() + 1]) * np.tile(to_grid, 2))
+    return pixels, points, boxes
+
+
+def scene_views(scene, K, poses, instance, video_frames):
+    pixels, points, boxes = measure_visibility(instance, len(scene["objects"]))
+    height, width = instance.shape[1:]
+    return SceneViews(scene, np.asarray(K, np.float64), np.asarray(poses, np.float64), video_frames, pixels,
+                      points, boxes, max(24, int(0.004 * height * width)))
+
+# -----------------------------------------------------------------------------
+# 7. The QA engine. Every answer is computed from ground truth (boxes, cameras), never from the render alone.
+# Geometry first, then one small function per task family, then `make_questions` that runs them all.
+# Directions ("left", "front-right", ...) are measured on the floor plane, in a gravity-aligned frame.
+
+FILL_METRES = "Answer with a single number in meters."
+SELECT_LETTER = "Answer with the option's letter from the given choices directly."
+QUADRANTS = ["front-left", "front-right", "back-left", "back-right"]
+
+
+def center(obj):
+    return np.asarray(obj["center"], dtype=np.float64)
+
+
+def planar_direction(origin, facing, target):
+    """Angle (degrees) of `target` seen from `origin` when facing `facing` (points or a direction), on the
+    floor plane: 0 = straight ahead, +90 = right, -90 = left, +-180 = behind."""
+    f = np.asarray(facing, dtype=np.float64)[:2]
+    f = f / max(np.linalg.norm(f), 1e-9)
+    rel = (np.asarray(target, dtype=np.float64) - origin)[:2]
+    forward, right = rel @ f, rel @ np.array([f[1], -f[0]])
+    return math.degrees(math.atan2(right, forward))
+
+
+def quadrant(angle, margin=15.0):
+    """front-left / front-right / back-left / back-right, or None if within `margin` degrees of a boundary."""
+    if min(abs(angle), abs(abs(angle) - 90), abs(abs(angle) - 180)) < margin:
+        return None
+    return ("back-" if abs(angle) > 90 else "front-") + ("right" if angle > 0 else "left")
+
+
+def camera_direction(pose, point):
+    """Angle (degrees) of a world point from a camera, in its gravity-aligned heading frame."""
+    return planar_direction(camera_center(pose), heading_frame(pose)[0], point)
+
+
+def camera_relative(pose, point):
+    """(right, forward) metres of a world point from a camera, in its gravity-aligned heading frame."""
+    forward, right = heading_frame(pose)
+    rel = np.asarray(point, dtype=np.float64) - camera_center(pose)
+    return float(rel @ right), float(rel @ forward)
+
+
+def camera_motion(pose_from, pose_to):
+    """How a camera moved between two views, in the first view's heading frame: right and forward (metres) and
+    the yaw turn (degrees, positive = turned right)."""
+    right, forward = camera_relative(pose_from, camera_center(pose_to))
+    yaw = planar_direction(np.zeros(3), heading_frame(pose_from)[0], heading_frame(pose_to)[0])
+    return right, forward, yaw
+
+
+def closest_box_distance(a, b, iterations=200):
+    """Distance (m) between the closest points of two oriented boxes, by alternating projections (which
+    converge to a closest pair for two convex sets); 0 if they touch or overlap."""
+    def project_onto(obj, p):
+        rot, half = yaw_matrix(obj["yaw"]), np.asarray(obj["size"]) / 2
+        return rot @ np.clip(rot.T @ (p - center(obj)), -half, half) + center(obj)
+
+    p = center(a)
+    for _ in range(iterations):
+        q = project_onto(b, p)
+        p_next = project_onto(a, q)
+        if np.linalg.norm(p_next - p) < 1e-9:
+            break
+        p = p_next
+    return float(np.linalg.norm(project_onto(b, p) - p))
+
+
+def relation_word(right_a, forward_a, right_b, forward_b, min_gap=0.3):
+    """Where A is relative to B as seen from a camera (left of / right of / in front of / behind), or None when
+    no single direction clearly dominates."""
+    d_right, d_forward = right_a - right_b, forward_a - forward_b
+    if abs(d_right) >= max(1.5 * abs(d_forward), min_gap):
+        return "right of" if d_right > 0 else "left of"
+    if abs(d_forward) >= max(1.5 * abs(d_right), min_gap):
+        return "behind" if d_forward > 0 else "in front of"
+    return None
+
+
+def turn_word(heading, new_heading):
+    """The turn between two walking directions: 'Turn Left' / 'Turn Right' / 'Turn Back', or None if unclear."""
+    angle = planar_direction(np.zeros(3), heading, new_heading)
+    if abs(angle) > 160:
+        return "Turn Back"
+    if 30 < abs(angle) < 150:
+        return "Turn Right" if angle > 0 else "Turn Left"
+    return None
+
+
+def format_number(value, decimals):
+    return f"{value:.{decimals}f}"
+
+
+def lettered_options(rng, correct, distractors):
+    """Shuffle the correct option among distractors -> (['A. ...', 'B. ...'], correct letter)."""
+    choices = [correct] + list(distractors)
+    order = rng.permutation(len(choices))
+    options = [f"{'ABCDEFGH'[i]}. {choices[k]}" for i, k in enumerate(order)]
+    return options, "ABCDEFGH"[int(np.flatnonzero(order == 0)[0])]
+
+
+def numeric_distractors(rng, truth, decimals, count=3):
+    """`count` values drawn from U(0.25, 1.75) * truth, each at least 20 % of the truth away from the truth
+    and from each other (after rounding)."""
+    values = [round(truth, decimals)]
+    for _ in range(1000):
+        if len(values) == count + 1:
+            break
+        candidate = round(truth * rng.uniform(0.25, 1.75), decimals)
+        if all(abs(candidate - v) >= 0.2 * abs(truth) for v in values):
+            values.append(candidate)
+    return None if len(values) < count + 1 else [format_number(v, decimals) for v in values[1:]]
+
+
+class Asker:
+    """Draws views and objects for questions about one scene and phrases the references and answers."""
+
+    def __init__(self, views, rng, numeric_select=0.25):
+        self.views, self.rng, self.numeric_select = views, rng, numeric_select
+        self.objects = views.scene["objects"]
+        self.n_views = len(views.poses)
+
+    def pick(self, items, count):
+        items = list(items)
+        if len(items) < count:
+            return None
+        return [items[i] for i in self.rng.choice(len(items), count, replace=False)]
+
+    def view_with(self, count):
+        """A random view showing at least `count` objects, and `count` of them."""
+        for _ in range(10):
+            view = int(self.rng.integers(self.n_views))
+            chosen = self.pick(self.views.visible(view), count)
+            if chosen is not None:
+                return view, chosen
+        return None, None
+
+    def view_pair(self, shared=1):
+        """Two different views that show at least `shared` common objects (so they can be related)."""
+        for _ in range(10):
+            a, b = (int(v) for v in self.rng.choice(self.n_views, 2, replace=False))
+            if len(set(self.views.visible(a)) & set(self.views.visible(b))) >= shared:
+                return a, b
+        return None, None
+
+    def mark(self, obj, view, slot, markers, multi):
+        """Reference text for an object in one of the question's images, and its marker (SPAR style)."""
+        color = MARKER_COLORS[len(markers) % len(MARKER_COLORS)]
+        x, y = (int(c) for c in self.views.points[view, obj])
+        markers.append({"image": slot, "object": obj, "color": color, "point": [x, y],
+                        "box": [int(c) for c in self.views.boxes[view, obj]]})
+        where = f" in image {slot + 1}" if multi else ""
+        return f"the {self.objects[obj]['category']} at the {color} point ({x}, {y}){where}"
+
+    def numeric(self, value, decimals, unit_text):
+        """A numeric answer, as `fill` or (with probability numeric_select) as `select` with distractors."""
+        if self.rng.random() < self.numeric_select:
+            distractors = numeric_distractors(self.rng, value, decimals)
+            if distractors is not None:
+                options, letter = lettered_options(self.rng, format_number(value, decimals), distractors)
+                return {"format_type": "select", "answer": letter, "options": options}
+        return {"format_type": "fill", "answer": format_number(value, decimals), "instruction": unit_text}
+
+    def choice(self, correct, distractors):
+        options, letter = lettered_options(self.rng, correct, distractors)
+        return {"format_type": "select", "answer": letter, "options": options}
+
+
+def finish(question, answer, images, markers=None):
+    """Assemble a task's output: the question text carries its options and the answer instruction."""
+    text = question
+    if answer["format_type"] == "select":
+        text += "\nOptions:\n" + "\n".join(answer["options"]) + "\n" + SELECT_LETTER
+    else:
+        text += "\n" + answer.get("instruction", FILL_METRES)
+    out = {"image": [int(i) for i in images], "question": text, "format_type": answer["format_type"],
+           "answer": answer["answer"]}
+    if "options" in answer:
+        out["options"] = answer["options"]
+    if markers:
+        out["markers"] = markers
+    return out
+
+
+# --- SPAR-Bench tasks. `multi` picks the _mv variant: objects marked in different images, the camera that
+# distances and directions refer to is image 1's. Each function returns one question or None (try again).
+
+def one_object_in_second_view(a):
+    """Views (v1, v2) and an object marked in v2, preferably one that v1 does not show (truly multi-view)."""
+    v1, v2 = a.view_pair()
+    if v1 is None:
+        return None
+    unseen = [o for o in a.views.visible(v2) if o not in a.views.visible(v1)]
+    chosen = a.pick(unseen, 1) or a.pick(a.views.visible(v2), 1)
+    return v1, v2, chosen[0]
+
+
+def two_objects(a, multi):
+    """(camera view, images, [A, B], [A's view, B's view]): both in one view, or A in image 1 and B in image 2."""
+    if not multi:
+        view, chosen = a.view_with(2)
+        return None if view is None else (view, [view], chosen, [view, view])
+    v1, v2 = a.view_pair()
+    if v1 is None:
+        return None
+    first = a.pick(a.views.visible(v1), 1)
+    second = a.pick([o for o in a.views.visible(v2) if first and o != first[0]], 1)
+    if not first or not second:
+        return None
+    return v1, [v1, v2], [first[0], second[0]], [v1, v2]
+
+
+def ask_depth_oc(a, multi):
+    if multi:
+        picked = one_object_in_second_view(a)
+        if picked is None:
+            return None
+        cam, other, obj = picked
+        images, markers = [cam, other], []
+        ref = a.mark(obj, other, 1, markers, True)
+        question = f"What is the depth of {ref} from the camera of image 1 (its distance along that camera's viewing direction)?"
+    else:
+        cam, chosen = a.view_with(1)
+        if cam is None:
+            return None
+        obj, images, markers = chosen[0], [cam], []
+        ref = a.mark(obj, cam, 0, markers, False)
+        question = f"What is the depth of {ref} from the camera (its distance along the viewing direction)?"
+    depth = world_to_camera(a.views.poses[cam], center(a.objects[obj]))[2]
+    return None if depth < 0.3 else finish(question, a.numeric(depth, 2, FILL_METRES), images, markers)
+
+
+def ask_depth_oo(a, multi):
+    picked = two_objects(a, multi)
+    if picked is None:
+        return None
+    cam, images, objs, views = picked
+    depths = [world_to_camera(a.views.poses[cam], center(a.objects[o]))[2] for o in objs]
+    if depths[0] < depths[1]:
+        objs, views, depths = objs[::-1], views[::-1], depths[::-1]
+    if depths[0] - depths[1] < 0.2 or depths[1] < 0.3:
+        return None
+    markers = []
+    refs = [a.mark(o, v, images.index(v), markers, multi) for o, v in zip(objs, views)]
+    camera = "the camera of image 1" if multi else "the camera"
+    question = (f"How much farther from {camera} than {refs[1]} is {refs[0]}, measured along the viewing "
+                f"direction (difference of their depths)?")
+    return finish(question, a.numeric(depths[0] - depths[1], 2, FILL_METRES), images, markers)
+
+
+def ask_distance_oc(a, multi):
+    if multi:
+        picked = one_object_in_second_view(a)
+        if picked is None:
+            return None
+        cam, other, obj = picked
+        images, markers = [cam, other], []
+        ref = a.mark(obj, other, 1, markers, True)
+        question = f"How far is {ref} from the camera of image 1 (straight-line distance to its center)?"
+    else:
+        cam, chosen = a.view_with(1)
+        if cam is None:
+            return None
+        obj, images, markers = chosen[0], [cam], []
+        ref = a.mark(obj, cam, 0, markers, False)
+        question = f"How far is {ref} from the camera (straight-line distance to its center)?"
+    distance = np.linalg.norm(center(a.objects[obj]) - camera_center(a.views.poses[cam]))
+    return finish(question, a.numeric(distance, 2, FILL_METRES), images, markers)
+
+
+def ask_distance_oo(a, multi):
+    picked = two_objects(a, multi)
+    if picked is None:
+        return None
+    cam, images, objs, views = picked
+    distance = np.linalg.norm(center(a.objects[objs[0]]) - center(a.objects[objs[1]]))
+    if distance < 0.2:
+        return None
+    markers = []
+    refs = [a.mark(o, v, images.index(v), markers, multi) for o, v in zip(objs, views)]
+    question = f"What is the distance between the centers of {refs[0]} and {refs[1]}?"
+    return finish(question, a.numeric(distance, 2, FILL_METRES), images, markers)
+
+
+def ask_view_change(a):
+    v1, v2 = a.view_pair()
+    if v1 is None:
+        return None
+    right, forward, yaw = camera_motion(a.views.poses[v1], a.views.poses[v2])
+    if abs(right) < 0.15 or abs(forward) < 0.15 or abs(yaw) < 8:
+        return None
+    question = ("The camera moved from image 1 to image 2. On the floor plane and in image 1's heading, how far did "
+                "it move to the right and forward (meters, negative for left / backward), and by how many degrees did "
+                "it turn (positive = to the right)?")
+    answer = {"format_type": "fill", "answer": f"{right:.2f}, {forward:.2f}, {yaw:.0f}",
+              "instruction": "Answer with three numbers separated by commas: right, forward, turn."}
+    return finish(question, answer, [v1, v2])
+
+
+def motion_words(right, forward, yaw):
+    """'moved forward and turned left'-style description, or None when the motion is ambiguous."""
+    if abs(forward) >= max(1.5 * abs(right), 0.3):
+        move = "moved forward" if forward > 0 else "moved backward"
+    elif abs(right) >= max(1.5 * abs(forward), 0.3):
+        move = "moved right" if right > 0 else "moved left"
+    else:
+        return None
+    if abs(yaw) < 10:
+        return None
+    return f"{move} and {'turned right' if yaw > 0 else 'turned left'}"
+
+
+def ask_camera_motion(a):
+    v1, v2 = a.view_pair()
+    if v1 is None:
+        return None
+    correct = motion_words(*camera_motion(a.views.poses[v1], a.views.poses[v2]))
+    if correct is None:
+        return None
+    every = [f"moved {m} and turned {t}" for m in ("forward", "backward", "left", "right") for t in ("left", "right")]
+    question = "How did the camera move between image 1 and image 2?"
+    return finish(question, a.choice(correct, a.pick([w for w in every if w != correct], 3)), [v1, v2])
+
+
+def ask_position_matching(a):
+    v1, v2 = a.view_pair()
+    if v1 is None:
+        return None
+    obj = a.pick(set(a.views.visible(v1)) & set(a.views.visible(v2)), 1)[0]
+    truth = a.views.points[v2, obj]
+    candidates = [a.views.points[v2, o] for o in a.views.visible(v2) if o != obj]
+    chosen = []
+    for i in a.rng.permutation(len(candidates)):  # distractor points well apart from the truth and each other
+        if all(np.abs(candidates[i] - p).max() >= 100 for p in [truth] + chosen):
+            chosen.append(candidates[i])
+    if len(chosen) < 3:
+        return None
+    markers = []
+    ref = a.mark(obj, v1, 0, markers, True)
+    question = f"Which point in image 2 shows the same object as {ref}?"
+    as_text = [f"({int(p[0])}, {int(p[1])})" for p in [truth] + chosen[:3]]
+    return finish(question, a.choice(as_text[0], as_text[1:]), [v1, v2], markers)
+
+
+RELATIONS = ["left of", "right of", "in front of", "behind"]
+
+
+def ask_relation_oo(a, multi):
+    picked = two_objects(a, multi)
+    if picked is None:
+        return None
+    cam, images, objs, views = picked
+    pose = a.views.poses[cam]
+    (ra, fa), (rb, fb) = (camera_relative(pose, center(a.objects[o])) for o in objs)
+    correct = relation_word(ra, fa, rb, fb)
+    if correct is None:
+        return None
+    markers = []
+    refs = [a.mark(o, v, images.index(v), markers, multi) for o, v in zip(objs, views)]
+    camera = "the camera of image 1" if multi else "the camera"
+    question = f"Seen from {camera}, where is {refs[0]} relative to {refs[1]}?"
+    return finish(question, a.choice(correct, [r for r in RELATIONS if r != correct]), images, markers)
+
+
+def ask_relation_oc_mv(a):
+    picked = one_object_in_second_view(a)
+    if picked is None:
+        return None
+    cam, other, obj = picked
+    correct = quadrant(camera_direction(a.views.poses[cam], center(a.objects[obj])))
+    if correct is None:
+        return None
+    markers = []
+    ref = a.mark(obj, other, 1, markers, True)
+    question = f"Standing at the camera of image 1 and facing its viewing direction, where is {ref}?"
+    return finish(question, a.choice(correct, [q for q in QUADRANTS if q != correct]), [cam, other], markers)
+
+
+def ask_imagination_oc(a, multi):
+    """Perspective taking: stand at object A, face the camera; where is object B?"""
+    picked = two_objects(a, multi)
+    if picked is None:
+        return None
+    cam, images, objs, views = picked
+    if multi:  # A is marked in image 2, B in image 1; the camera is image 1's
+        objs, views = objs[::-1], views[::-1]
+    stand, other = center(a.objects[objs[0]]), center(a.objects[objs[1]])
+    camera = camera_center(a.views.poses[cam])
+    if np.linalg.norm((camera - stand)[:2]) < 0.5:
+        return None
+    correct = quadrant(planar_direction(stand, camera - stand, other))
+    if correct is None:
+        return None
+    markers = []
+    refs = [a.mark(o, v, images.index(v), markers, multi) for o, v in zip(objs, views)]
+    which = "the camera of image 1" if multi else "the camera"
+    question = f"Imagine you stand at {refs[0]}, facing {which}. Where is {refs[1]} relative to you?"
+    return finish(question, a.choice(correct, [q for q in QUADRANTS if q != correct]), images, markers)
+
+
+def ask_imagination_oo(a, multi):
+    """Perspective taking: stand at object A, face object B; where is object C?"""
+    if multi:  # A in image 1, B and C in image 2
+        v1, v2 = a.view_pair()
+        if v1 is None:
+            return None
+        first = a.pick(a.views.visible(v1), 1)
+        rest = first and a.pick([o for o in a.views.visible(v2) if o != first[0]], 2)
+        if not rest:
+            return None
+        objs, views, images = first + rest, [v1, v2, v2], [v1, v2]
+    else:
+        view, objs = a.view_with(3)
+        if view is None:
+            return None
+        views, images = [view] * 3, [view]
+    stand, face, other = (center(a.objects[o]) for o in objs)
+    if np.linalg.norm((face - stand)[:2]) < 0.5:
+        return None
+    correct = quadrant(planar_direction(stand, face - stand, other))
+    if correct is None:
+        return None
+    markers = []
+    refs = [a.mark(o, v, images.index(v), markers, multi) for o, v in zip(objs, views)]
+    question = f"Imagine you stand at {refs[0]}, facing {refs[1]}. Where is {refs[2]} relative to you?"
+    return finish(question, a.choice(correct, [q for q in QUADRANTS if q != correct]), images, markers)
+
+
+def ask_distance_infer_center(a, multi):
+    """Which of three marked objects is closest (centre to centre) to a reference object?"""
+    if multi:  # the reference in image 1, the candidates in image 2
+        v1, v2 = a.view_pair()
+        if v1 is None:
+            return None
+        anchor = a.pick(a.views.visible(v1), 1)
+        candidates = anchor and a.pick([o for o in a.views.visible(v2) if o != anchor[0]], 3)
+        if not candidates:
+            return None
+        objs, views, images = anchor + candidates, [v1] + [v2] * 3, [v1, v2]
+    else:
+        view, objs = a.view_with(4)
+        if view is None:
+            return None
+        views, images = [view] * 4, [view]
+    distances = [np.linalg.norm(center(a.objects[o]) - center(a.objects[objs[0]])) for o in objs[1:]]
+    ranked = np.argsort(distances)
+    if distances[ranked[1]] < max(1.15 * distances[ranked[0]], distances[ranked[0]] + 0.15):
+        return None
+    markers = []
+    refs = [a.mark(o, v, images.index(v), markers, multi) for o, v in zip(objs, views)]
+    question = f"Which of these objects is closest to {refs[0]} (measured between their centers)?"
+    correct = refs[1 + ranked[0]]
+    return finish(question, a.choice(correct, [r for r in refs[1:] if r != correct]), images, markers)
+
+
+# --- VSI-Bench tasks, over the ordered video (frames 0..T-1). As in VSI-Bench, objects are named by category
+# alone, so only categories with a single instance in the room are referenced; all must appear in the video.
+
+def video_objects(a):
+    """(objects seen in the video, those whose category is unique in the room)."""
+    frames = range(a.views.video_frames)
+    seen = [o for o in range(len(a.objects)) if any(a.views.pixels[f, o] >= a.views.min_pixels for f in frames)]
+    counts = {}
+    for obj in a.objects:
+        counts[obj["category"]] = counts.get(obj["category"], 0) + 1
+    return seen, [o for o in seen if counts[a.objects[o]["category"]] == 1]
+
+
+def video(a):
+    return list(range(a.views.video_frames))
+
+
+def name(a, obj):
+    return a.objects[obj]["category"]
+
+
+def ask_counting(a):
+    seen, _ = video_objects(a)
+    if not seen:
+        return None
+    category = name(a, a.pick(seen, 1)[0])
+    count = sum(name(a, o) == category for o in seen)
+    question = f"How many {category}(s) can be seen in this video of a room?"
+    return finish(question, {"format_type": "fill", "answer": str(count), "instruction": "Answer with a single number."},
+                  video(a))
+
+
+def ask_abs_distance(a):
+    pair = a.pick(video_objects(a)[1], 2)
+    if pair is None:
+        return None
+    distance = closest_box_distance(a.objects[pair[0]], a.objects[pair[1]])
+    if distance < 0.2:
+        return None
+    question = (f"Measuring from the closest point of each object, what is the distance between the "
+                f"{name(a, pair[0])} and the {name(a, pair[1])} (in meters)?")
+    return finish(question, {"format_type": "fill", "answer": format_number(distance, 2)}, video(a))
+
+
+def ask_object_size(a):
+    chosen = a.pick(video_objects(a)[1], 1)
+    if chosen is None:
+        return None
+    longest = 100 * max(a.objects[chosen[0]]["size"])
+    question = (f"What is the length of the longest dimension (length, width, or height) of the "
+                f"{name(a, chosen[0])}, measured in centimeters?")
+    return finish(question, {"format_type": "fill", "answer": format_number(longest, 0),
+                             "instruction": "Answer with a single number in centimeters."}, video(a))
+
+
+def ask_room_size(a):
+    area = a.views.scene["room"].get("floor_area")
+    if not area:
+        return None
+    question = "What is the size of this room (in square meters)?"
+    return finish(question, {"format_type": "fill", "answer": format_number(area, 1),
+                             "instruction": "Answer with a single number in square meters."}, video(a))
+
+
+def ask_rel_distance(a):
+    chosen = a.pick(video_objects(a)[1], 4)
+    if chosen is None:
+        return None
+    target, candidates = chosen[0], chosen[1:]
+    distances = [closest_box_distance(a.objects[target], a.objects[o]) for o in candidates]
+    ranked = np.argsort(distances)
+    if distances[ranked[1]] < max(1.15 * distances[ranked[0]], distances[ranked[0]] + 0.15):
+        return None
+    names = [name(a, o) for o in candidates]
+    question = (f"Measuring from the closest point of each object, which of these objects ({', '.join(names)}) "
+                f"is the closest to the {name(a, target)}?")
+    correct = names[ranked[0]]
+    return finish(question, a.choice(correct, [n for n in names if n != correct]), video(a))
+
+
+def rel_direction_answer(angle, difficulty):
+    """The answer word for 'standing by A facing B, where is C?' at an angle (degrees, + = right), or None
+    when the angle is within 15 degrees of a boundary between answers."""
+    if difficulty == "hard":
+        return quadrant(angle)
+    if difficulty == "medium":
+        if abs(angle) > 150:
+            return "back"
+        return None if abs(angle) > 120 or abs(angle) < 15 else ("right" if angle > 0 else "left")
+    return None if abs(angle) < 15 or abs(angle) > 165 else ("right" if angle > 0 else "left")
+
+
+def ask_rel_direction(a):
+    chosen = a.pick(video_objects(a)[1], 3)
+    if chosen is None:
+        return None
+    stand, face, other = (center(a.objects[o]) for o in chosen)
+    if np.linalg.norm((face - stand)[:2]) < 0.5:
+        return None
+    difficulty = ["easy", "medium", "hard"][int(a.rng.integers(3))]
+    correct = rel_direction_answer(planar_direction(stand, face - stand, other), difficulty)
+    if correct is None:
+        return None
+    words = {"easy": ["left", "right"], "medium": ["left", "right", "back"], "hard": QUADRANTS}[difficulty]
+    ask = {"easy": "to my left or right?", "medium": "to my left, right, or back? An object is to my back if I "
+           "would have to turn at least 135 degrees in order to face it.",
+           "hard": "to my front-left, front-right, back-left, or back-right?"}[difficulty]
+    a_name, b_name, c_name = (name(a, o) for o in chosen)
+    question = f"If I am standing by the {a_name} and facing the {b_name}, is the {c_name} {ask}"
+    out = finish(question, a.choice(correct, [w for w in words if w != correct]), video(a))
+    out["difficulty"] = difficulty
+    return out
+
+
+def ask_route(a):
+    chosen = a.pick(video_objects(a)[1], 4)
+    if chosen is None:
+        return None
+    points = [center(a.objects[o]) for o in chosen]
+    legs = [points[k + 1] - points[k] for k in range(3)]
+    if min(np.linalg.norm(leg[:2]) for leg in legs) < 0.5:
+        return None
+    turns = [turn_word(legs[0], legs[1]), turn_word(legs[1], legs[2])]
+    if None in turns:
+        return None
+    names = [name(a, o) for o in chosen]
+    question = (f"You are a robot beginning at the {names[0]} facing the {names[1]}. You want to navigate to the "
+                f"{names[3]}. You will perform the following actions (Note: for each [please fill in], choose either "
+                f"'turn back', 'turn left', or 'turn right'.): 1. Go forward until the {names[1]}. 2. [please fill in] "
+                f"3. Go forward until the {names[2]}. 4. [please fill in] 5. Go forward until the {names[3]}. "
+                f"You have reached the final destination.")
+    every = [f"{t1}, {t2}" for t1 in ("Turn Left", "Turn Right", "Turn Back") for t2 in ("Turn Left", "Turn Right", "Turn Back")]
+    correct = ", ".join(turns)
+    return finish(question, a.choice(correct, a.pick([w for w in every if w != correct], 3)), video(a))
+
+
+def ask_appearance_order(a):
+    frames = video(a)
+    first = {}
+    for obj in video_objects(a)[1]:
+        first[obj] = next(f for f in frames if a.views.pixels[f, obj] >= a.views.min_pixels)
+    by_frame = {}
+    for obj, frame in first.items():  # one object per first-appearance frame, so the order is unambiguous
+        by_frame.setdefault(frame, obj)
+    chosen = a.pick(sorted(by_frame.values()), 4)
+    if chosen is None:
+        return None
+    names = [name(a, o) for o in chosen]
+    correct_order = [name(a, o) for o in sorted(chosen, key=lambda o: first[o])]
+    distractors = set()
+    for _ in range(100):
+        if len(distractors) == 3:
+            break
+        order = [correct_order[i] for i in a.rng.permutation(4)]
+        if order != correct_order:
+            distractors.add(", ".join(order))
+    question = f"What will be the first-time appearance order of the following categories in the video: {', '.join(names)}?"
+    return finish(question, a.choice(", ".join(correct_order), sorted(distractors)), frames)
+
+
+ASK = {
+    "depth_prediction_oc": lambda a: ask_depth_oc(a, False),
+    "depth_prediction_oc_mv": lambda a: ask_depth_oc(a, True),
+    "depth_prediction_oo": lambda a: ask_depth_oo(a, False),
+    "depth_prediction_oo_mv": lambda a: ask_depth_oo(a, True),
+    "distance_prediction_oc": lambda a: ask_distance_oc(a, False),
+    "distance_prediction_oc_mv": lambda a: ask_distance_oc(a, True),
+    "distance_prediction_oo": lambda a: ask_distance_oo(a, False),
+    "distance_prediction_oo_mv": lambda a: ask_distance_oo(a, True),
+    "view_change_infer": ask_view_change,
+    "position_matching": ask_position_matching,
+    "camera_motion_infer": ask_camera_motion,
+    "obj_spatial_relation_oo": lambda a: ask_relation_oo(a, False),
+    "obj_spatial_relation_oc_mv": ask_relation_oc_mv,
+    "obj_spatial_relation_oo_mv": lambda a: ask_relation_oo(a, True),
+    "spatial_imagination_oc": lambda a: ask_imagination_oc(a, False),
+    "spatial_imagination_oo": lambda a: ask_imagination_oo(a, False),
+    "spatial_imagination_oc_mv": lambda a: ask_imagination_oc(a, True),
+    "spatial_imagination_oo_mv": lambda a: ask_imagination_oo(a, True),
+    "distance_infer_center_oo": lambda a: ask_distance_infer_center(a, False),
+    "distance_infer_center_oo_mv": lambda a: ask_distance_infer_center(a, True),
+    "object_counting": ask_counting,
+    "object_rel_distance": ask_rel_distance,
+    "object_rel_direction": ask_rel_direction,
+    "route_planning": ask_route,
+    "object_abs_distance": ask_abs_distance,
+    "object_size_estimation": ask_object_size,
+    "room_size_estimation": ask_room_size,
+    "obj_appearance_order": ask_appearance_order,
+}
+assert list(ASK) == list(TASKS)
+
+
+def make_questions(views, rng, per_task=3, numeric_select=0.25, tasks=None):
+    """Up to `per_task` distinct questions of every task about one scene, as QA records."""
+    asker, records = Asker(views, rng, numeric_select), []
+    scene_id = views.scene["id"]
+    for task in tasks or TASKS:
+        wanted = 1 if task == "room_size_estimation" else per_task
+        questions = set()
+        for _ in range(30 * wanted):
+            if len(questions) == wanted:
+                break
+            out = ASK[task](asker)
+            if out is None or out["question"] in questions:
+                continue
+            questions.add(out["question"])
+            level, img_type = TASKS[task]
+            records.append({"id": f"{scene_id}-{task}-{len(questions) - 1}", "scene": scene_id, "task": task,
+                            "level": level, "img_type": img_type, **out})
+    return records
