@@ -1324,3 +1324,330 @@ def make_questions(views, rng, per_task=3, numeric_select=0.25, tasks=None):
             records.append({"id": f"{scene_id}-{task}-{len(questions) - 1}", "scene": scene_id, "task": task,
                             "level": level, "img_type": img_type, **out})
     return records
+
+# -----------------------------------------------------------------------------
+# 8. Real scans: a directory per scene in the SPAR RGBD layout, plus the objects' boxes.
+#   <scene>/image_color/<frame>.jpg|png   colour frames (JPEG needs Pillow; PNG is read with the stdlib)
+#   <scene>/image_depth/<frame>.png       16-bit depth in millimetres (0 = no measurement)
+#   <scene>/intrinsic/intrinsic_color.txt 3x3 or 4x4 pinhole matrix for the colour frames (or <frame>.txt each)
+#   <scene>/pose/<frame>.txt              4x4 camera-to-world, OpenCV axes, world z up, metres
+#   <scene>/boxes.json                    {"objects": [{"category", "center": [x,y,z], "size": [sx,sy,sz],
+#                                          "yaw": radians | "rotation": 3x3}], "room": {"floor_area": m2}?}
+# Frames are resized to res x res (intrinsics scaled to match) and sorted by name: that order is the video.
+# Instances come from the boxes: a pixel belongs to an object if the box ray-cast from the same camera
+# is the nearest box and agrees with the measured depth; everything else is unknown (-4).
+
+def read_image(path):
+    if path.lower().endswith(".png"):
+        return read_png(path)
+    try:
+        from PIL import Image  # only real JPEG frames need Pillow
+    except ImportError:
+        raise SystemExit(f"{path}: reading JPEG frames needs Pillow (pip install pillow), or convert them to PNG")
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def resize_area(image, height, width):
+    """Resize (H, W[, C]) by averaging each output pixel's footprint (box filter); exact for integer factors."""
+    image = np.asarray(image, dtype=np.float64)
+    for axis, size in ((0, height), (1, width)):
+        edges = np.round(np.linspace(0, image.shape[axis], size + 1)).astype(int)
+        total = np.concatenate([np.zeros_like(image.take([0], axis)), np.cumsum(image, axis=axis)], axis=axis)
+        span = np.maximum(edges[1:] - edges[:-1], 1).reshape([-1 if a == axis else 1 for a in range(image.ndim)])
+        image = (total.take(np.maximum(edges[1:], edges[:-1] + 1), axis) - total.take(edges[:-1], axis)) / span
+    return image
+
+
+def read_matrix(path, field, shape):
+    try:
+        matrix = np.loadtxt(path, dtype=np.float64)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read {field}: {error}") from None
+    if matrix.shape not in [shape, (4, 4)] or not np.all(np.isfinite(matrix)):
+        raise ValueError(f"{path}: {field} must be a finite {shape[0]}x{shape[1]} matrix, got shape {matrix.shape}")
+    return matrix[:shape[0], :shape[1]]
+
+
+def read_boxes(path):
+    """boxes.json -> (objects in our scene format, room dict); errors name the file and the field."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read boxes: {error}") from None
+    items = data.get("objects") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: field 'objects' must be a list of boxes")
+    objects = []
+    for index, item in enumerate(items):
+        for field, length in (("center", 3), ("size", 3)):
+            value = item.get(field) if isinstance(item, dict) else None
+            if not (isinstance(value, list) and len(value) == length and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)):
+                raise ValueError(f"{path}: objects[{index}].{field} must be {length} finite numbers")
+        if not isinstance(item.get("category"), str):
+            raise ValueError(f"{path}: objects[{index}].category must be a string")
+        if "yaw" in item:
+            yaw = float(item["yaw"])
+        elif "rotation" in item and np.shape(item["rotation"]) == (3, 3):
+            yaw = math.atan2(item["rotation"][1][0], item["rotation"][0][0])  # gravity-aligned boxes assumed
+        else:
+            raise ValueError(f"{path}: objects[{index}] needs a 'yaw' (radians) or a 3x3 'rotation'")
+        objects.append({"id": index, "category": item["category"], "shape": "box",
+                        "center": [float(v) for v in item["center"]], "size": [float(v) for v in item["size"]],
+                        "yaw": yaw, "color": [128, 128, 128], "parent": None})
+    room = data.get("room", {}) if isinstance(data, dict) else {}
+    return objects, room
+
+
+def load_scan(scene_dir, res):
+    """One scanned scene -> (scene dict, rgb (V,res,res,3) uint8, depth (V,res,res) f32, instance, K, poses)."""
+    color_dir = os.path.join(scene_dir, "image_color")
+    if not os.path.isdir(color_dir):
+        raise ValueError(f"{scene_dir}: missing folder image_color/")
+    frames = sorted(os.path.splitext(n)[0] for n in os.listdir(color_dir) if n.lower().endswith((".jpg", ".jpeg", ".png")))
+    if not frames:
+        raise ValueError(f"{color_dir}: no .jpg or .png frames")
+    objects, room = read_boxes(os.path.join(scene_dir, "boxes.json"))
+    shared_K = os.path.join(scene_dir, "intrinsic", "intrinsic_color.txt")
+    scene = {"id": os.path.basename(os.path.normpath(scene_dir)), "source": "scan", "room": room, "objects": objects}
+    rgbs, depths, Ks, poses = [], [], [], []
+    for frame in frames:
+        color_path = next(os.path.join(color_dir, n) for n in sorted(os.listdir(color_dir)) if os.path.splitext(n)[0] == frame)
+        color = read_image(color_path)
+        depth_mm = read_png(os.path.join(scene_dir, "image_depth", frame + ".png"))
+        K = read_matrix(shared_K if os.path.exists(shared_K) else os.path.join(scene_dir, "intrinsic", frame + ".txt"),
+                        "intrinsic", (3, 3))
+        pose = read_matrix(os.path.join(scene_dir, "pose", frame + ".txt"), "pose", (4, 4))
+        if not np.allclose(pose[3], [0, 0, 0, 1], atol=1e-4) or abs(np.linalg.det(pose[:3, :3]) - 1) > 1e-2:
+            raise ValueError(f"{scene_dir}/pose/{frame}.txt: pose is not a rigid camera-to-world transform")
+        scale = np.diag([res / color.shape[1], res / color.shape[0], 1.0])
+        rgbs.append(np.clip(np.round(resize_area(color, res, res)), 0, 255).astype(np.uint8))
+        rows = (np.arange(res) + 0.5) * depth_mm.shape[0] / res  # nearest sample: never mix depths across edges
+        cols = (np.arange(res) + 0.5) * depth_mm.shape[1] / res
+        depths.append(depth_mm[rows.astype(int)][:, cols.astype(int)].astype(np.float32) / 1000)
+        Ks.append(scale @ K)
+        poses.append(pose)
+    instance = np.stack([scan_instances(scene, K, pose, depth) for K, pose, depth in zip(Ks, poses, depths)])
+    return scene, np.stack(rgbs), np.stack(depths), instance, np.stack(Ks), np.stack(poses)
+
+
+def scan_instances(scene, K, pose, measured_depth):
+    """Instance map of a scanned view from its boxes, kept only where the measured depth agrees (visible)."""
+    height, width = measured_depth.shape
+    _, box_depth, box_instance = render(scene, K, pose, height, width, with_room=False)
+    agrees = (measured_depth > 0) & (np.abs(box_depth - measured_depth) < 0.05 + 0.03 * measured_depth)
+    return np.where(agrees & (box_instance >= 0), box_instance, -4).astype(np.int16)
+
+# -----------------------------------------------------------------------------
+# 9. Writing files, preview, benchmark and the command line.
+# safetensors is a simple format (8-byte header length, a JSON header, raw little-endian bytes), so the
+# generator writes it itself and stays numpy-only; data.py reads it back with the safetensors library.
+
+SAFETENSORS_DTYPES = {np.uint8: "U8", np.int16: "I16", np.float16: "F16", np.float32: "F32"}
+
+
+def safetensors_bytes(tensors, metadata=None):
+    header, chunks, offset = {}, [], 0
+    for key in sorted(tensors):
+        array = np.ascontiguousarray(tensors[key])
+        blob = array.astype(array.dtype.newbyteorder("<")).tobytes()
+        header[key] = {"dtype": SAFETENSORS_DTYPES[array.dtype.type], "shape": list(array.shape),
+                       "data_offsets": [offset, offset + len(blob)]}
+        chunks.append(blob)
+        offset += len(blob)
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
+def write_scene(out_dir, scene, rgb, depth, instance, K, poses):
+    """scenes/<id>.safetensors (rgb, depth, instance, K, pose) and scenes/<id>.json, each written atomically."""
+    base = os.path.join(out_dir, "scenes", scene["id"])
+    tensors = {"rgb": rgb.astype(np.uint8), "depth": np.where(np.isfinite(depth), depth, 0).astype(np.float16),
+               "instance": instance.astype(np.int16), "K": K.astype(np.float32), "pose": poses.astype(np.float32)}
+    write_atomic(base + ".safetensors", safetensors_bytes(tensors, {"scene": scene["id"]}))
+    write_atomic(base + ".json", (json.dumps(scene, indent=1) + "\n").encode())
+
+
+@dataclass
+class GenConfig:
+    out: str = "data/spar"        # output directory
+    scenes: int = 32              # training scenes
+    val_scenes: int = 4           # held-out scenes (disjoint from training scenes)
+    views: int = 20               # views per scene: an ordered walk (the video, <= 32 frames) + random views
+    random_views: int = 4         # of those, how many are random views aimed at objects
+    res: int = 224                # square image side in pixels
+    seed: int = 0
+    workers: int = 1              # processes; the output is byte-identical for any number
+    qa_per_task: int = 3          # questions per task per scene (room size: one)
+    numeric_select: float = 0.25  # share of numeric SPAR questions asked as multiple choice
+    vocab_size: int = 2048        # BPE vocabulary of tokenizer.json (0: do not train one)
+    preview: int = 0              # write preview PNGs for this many scenes (one question of each task)
+    from_scans: str = ""          # a directory of scanned scenes (SPAR RGBD layout) instead of procedural rooms
+    val_fraction: float = 0.2     # with --from_scans: share of scanned scenes held out
+    bench: bool = False           # print renderer frames/s per core and exit
+
+
+def build_scene(job):
+    """Generate (or read), write and question one scene. Runs in a worker process; depends only on its job."""
+    config, index, split, scan_dir = job
+    if scan_dir:
+        scene, rgb, depth, instance, K, poses = load_scan(scan_dir, config.res)
+        video_frames = min(len(poses), 32)
+    else:
+        rng = np.random.default_rng([config.seed, index])
+        scene = sample_scene(rng, f"scene{index:05d}")
+        video_frames = config.views - config.random_views
+        K, poses = sample_cameras(rng, scene, video_frames, config.random_views, config.res)
+        rendered = [render(scene, K[v], poses[v], config.res, config.res) for v in range(len(poses))]
+        rgb, depth, instance = (np.stack(parts) for parts in zip(*rendered))
+    scene.update(split=split, video_frames=video_frames, image_size=[int(rgb.shape[1]), int(rgb.shape[2])])
+    write_scene(config.out, scene, rgb, depth, instance, K, poses)
+    views = scene_views(scene, K, poses, instance, video_frames)
+    return make_questions(views, np.random.default_rng([config.seed, index, 1]), config.qa_per_task,
+                          config.numeric_select)
+
+
+def scene_jobs(config):
+    if not config.from_scans:
+        total = config.scenes + config.val_scenes
+        return [(config, i, "train" if i < config.scenes else "val", "") for i in range(total)]
+    dirs = sorted(d for d in os.listdir(config.from_scans) if os.path.isdir(os.path.join(config.from_scans, d)))
+    n_val = int(round(len(dirs) * config.val_fraction)) if len(dirs) > 1 else 0
+    return [(config, i, "val" if i >= len(dirs) - n_val else "train", os.path.join(config.from_scans, d))
+            for i, d in enumerate(dirs)]
+
+
+def generate(config):
+    """The whole data set: scenes (in parallel), qa_{train,val}.jsonl, tokenizer.json, optional previews."""
+    from tqdm import tqdm
+
+    if not 1 <= config.views - config.random_views <= 32:
+        raise SystemExit(f"--views={config.views} with --random_views={config.random_views}: the walk needs 1..32 frames")
+    os.makedirs(os.path.join(config.out, "scenes"), exist_ok=True)
+    jobs = scene_jobs(config)
+    records = {"train": [], "val": []}
+    if config.workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(config.workers) as pool:
+            results = list(tqdm(pool.imap(build_scene, jobs), total=len(jobs), desc="scenes"))
+    else:
+        results = [build_scene(job) for job in tqdm(jobs, desc="scenes")]
+    for job, questions in zip(jobs, results):
+        records[job[2]] += questions
+    for split, rows in records.items():
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        write_atomic(os.path.join(config.out, f"qa_{split}.jsonl"), text.encode())
+    if config.vocab_size:
+        from data import train_tokenizer  # tokenizers is only needed here, not for the data itself
+
+        source = records["train"] or records["val"]  # the vocabulary is learnt from training text only
+        texts = [r["question"] + "\n" + r["answer"] for r in source]
+        train_tokenizer(texts, os.path.join(config.out, "tokenizer.json"), config.vocab_size)
+    for split in records:
+        print(f"{split}: {sum(job[2] == split for job in jobs)} scenes, {len(records[split])} questions")
+    if config.preview:
+        write_previews(config.out, records["train"] + records["val"], config.preview)
+    return records
+
+
+def read_safetensors(path):
+    """The generator's own reader of the files it writes (data.py uses the safetensors library)."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    size = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + size])
+    dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    return {key: np.frombuffer(blob[8 + size + spec["data_offsets"][0]:8 + size + spec["data_offsets"][1]],
+                               dtype=np.dtype(dtypes[spec["dtype"]]).newbyteorder("<")).reshape(spec["shape"])
+            for key, spec in header.items() if key != "__metadata__"}
+
+
+def draw_markers(image, markers, slot):
+    """Draw the markers that belong to image `slot` of a question: a dot with a dark rim at the point and the
+    object's visible box, in the marker's colour (grid coordinates 0-1000 -> pixels)."""
+    image = image.copy()
+    height, width = image.shape[:2]
+    v, u = np.mgrid[0:height, 0:width]
+    radius = max(2.0, width / 60)
+    for marker in (m for m in markers if m["image"] == slot):
+        color = np.array(MARKER_RGB[marker["color"]], dtype=np.uint8)
+        x0, y0, x1, y1 = (int(round(c * size / 1000)) for c, size in zip(marker["box"], (width, height) * 2))
+        image[y0:y1, [min(x0, width - 1), max(x1 - 1, 0)]] = color
+        image[[min(y0, height - 1), max(y1 - 1, 0)], x0:x1] = color
+        px, py = marker["point"][0] * width / 1000 - 0.5, marker["point"][1] * height / 1000 - 0.5
+        distance = np.hypot(u - px, v - py)
+        image[distance <= radius + 1.5] = 0
+        image[distance <= radius] = color
+    return image
+
+
+def write_previews(out_dir, records, scenes):
+    """preview/<question id>.png (the question's images, markers drawn) and .txt (question and answer), for one
+    question of each task in the first `scenes` scenes, for a person to check."""
+    os.makedirs(os.path.join(out_dir, "preview"), exist_ok=True)
+    chosen_scenes = list(dict.fromkeys(r["scene"] for r in records))[:scenes]
+    for scene_id in chosen_scenes:
+        rgb = read_safetensors(os.path.join(out_dir, "scenes", scene_id + ".safetensors"))["rgb"]
+        done = set()
+        for record in (r for r in records if r["scene"] == scene_id and r["task"] not in done):
+            done.add(record["task"])
+            frames = record["image"]
+            shown = frames if len(frames) <= 4 else [frames[i] for i in np.linspace(0, len(frames) - 1, 8).astype(int)]
+            tiles = [draw_markers(rgb[f], record.get("markers", []), frames.index(f)) for f in shown]
+            strip = np.concatenate([np.pad(t, ((4, 4), (4, 4), (0, 0)), constant_values=255) for t in tiles], axis=1)
+            base = os.path.join(out_dir, "preview", record["id"])
+            write_png(base + ".png", strip)
+            text = f"{record['task']} ({record['level']}, {record['format_type']}), frames {frames}\n\n"
+            text += f"{record['question']}\n\nanswer: {record['answer']}\n"
+            write_atomic(base + ".txt", text.encode())
+    print(f"previews: {os.path.join(out_dir, 'preview')}")
+
+
+def bench(res=224, objects=30, frames=50):
+    """Renderer throughput on one core at res x res with `objects` primitives, and full-scene generation time."""
+    rng = np.random.default_rng(0)
+    scene = sample_scene(rng, "bench", objects, objects)
+    K, poses = sample_cameras(rng, scene, frames, 0, res)
+    render(scene, K[0], poses[0], res, res)
+    start = time.perf_counter()
+    for v in range(frames):
+        render(scene, K[v], poses[v], res, res)
+    elapsed = time.perf_counter() - start
+    print(f"renderer: {frames / elapsed:.1f} frames/s on one core at {res}x{res} with "
+          f"{len(scene['objects'])} primitives + room ({1000 * elapsed / frames:.2f} ms/frame)")
+
+
+def parse_args(argv, config):
+    """--key=value overrides of a dataclass config (bare --flag sets a bool or int field to true / 1)."""
+    kinds = {f.name: f.type for f in fields(config)}
+    for arg in argv:
+        key, _, value = arg.lstrip("-").partition("=")
+        key = key.replace("-", "_")
+        if not arg.startswith("--") or key not in kinds:
+            raise SystemExit(f"unknown argument {arg!r}; options: " + " ".join(f"--{k}" for k in kinds))
+        kind = kinds[key]
+        if kind is bool:
+            setattr(config, key, value.lower() in ("", "1", "true", "yes"))
+        elif value == "" and kind is int:
+            setattr(config, key, 1)
+        else:
+            try:
+                setattr(config, key, kind(value))
+            except ValueError:
+                raise SystemExit(f"--{key}: expected {kind.__name__}, got {value!r}") from None
+    return config
+
+
+if __name__ == "__main__":
+    config = parse_args(sys.argv[1:], GenConfig())
+    if config.bench:
+        bench()
+    else:
+        start = time.time()
+        generate(config)
+        print(f"wrote {config.out} in {time.time() - start:.1f} s")

@@ -1,0 +1,320 @@
+"""
+data.py -- reading what generate_spar.py wrote, for training and evaluation.
+
+    DATA/scenes/<id>.safetensors   rgb uint8 (V,H,W,3), depth float16 (V,H,W), instance int16 (V,H,W),
+                                   K float32 (V,3,3), pose float32 (V,4,4) camera-to-world (OpenCV axes)
+    DATA/scenes/<id>.json          room, objects (category, oriented box), split, video_frames
+    DATA/qa_{train,val}.jsonl      one question per line, SPAR-Bench field names
+    DATA/tokenizer.json            byte-level BPE with the chat's special tokens
+
+Read top to bottom: validated loading of QA records and scenes (every error names the file and the field),
+the scene store that serves frames as tensors, the two datasets -- SceneViewsDataset for stages geo / psfm
+(views + cameras + depth + semantics of one scene) and QADataset for stage vlm (images + question + answer)
+-- with their collate functions, and the tokenizer.
+"""
+
+import json
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from generate_spar import CATEGORY_NAMES, SEMANTIC_CLASSES, SHELL_IDS, draw_markers
+
+# -----------------------------------------------------------------------------
+# QA records
+
+FORMATS = ("fill", "select")
+IMG_TYPES = ("single_view", "multi_view", "video")
+
+
+def check_record(record, where):
+    """Raise ValueError('<file>:<line>: field ...') for anything the rest of the code could trip on."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a record must be a JSON object")
+    for field in ("id", "scene", "task", "question", "answer"):
+        if not isinstance(record.get(field), str):
+            raise ValueError(f"{where}: field '{field}' must be a string, got {record.get(field)!r}")
+    if record.get("format_type") not in FORMATS:
+        raise ValueError(f"{where}: field 'format_type' must be one of {FORMATS}, got {record.get('format_type')!r}")
+    if record.get("img_type") not in IMG_TYPES:
+        raise ValueError(f"{where}: field 'img_type' must be one of {IMG_TYPES}, got {record.get('img_type')!r}")
+    image = record.get("image")
+    if not (isinstance(image, list) and image and all(isinstance(i, int) and i >= 0 for i in image)):
+        raise ValueError(f"{where}: field 'image' must be a non-empty list of frame indices, got {image!r}")
+    options = record.get("options")
+    if record["format_type"] == "select":
+        if not (isinstance(options, list) and len(options) >= 2 and all(isinstance(o, str) for o in options)):
+            raise ValueError(f"{where}: field 'options' must be a list of at least 2 strings for a select question")
+        if record["answer"] not in "ABCDEFGH"[:len(options)] or len(record["answer"]) != 1:
+            raise ValueError(f"{where}: field 'answer' must be an option letter, got {record['answer']!r}")
+    for marker in record.get("markers", []):
+        if not (isinstance(marker, dict) and isinstance(marker.get("image"), int) and 0 <= marker["image"] < len(image)
+                and isinstance(marker.get("point"), list) and len(marker["point"]) == 2):
+            raise ValueError(f"{where}: field 'markers' holds a malformed marker {marker!r}")
+
+
+def load_qa_jsonl(path):
+    """Validated QA records of one JSONL file; ids must be unique."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: QA file not found")
+    records, seen = [], set()
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+            check_record(record, where)
+            if record["id"] in seen:
+                raise ValueError(f"{where}: field 'id' {record['id']!r} is duplicated")
+            seen.add(record["id"])
+            records.append(record)
+    return records
+
+
+# -----------------------------------------------------------------------------
+# Scenes
+
+
+def load_scene(path):
+    """One scene: numpy arrays rgb, depth (float32), instance, K, pose and `meta` (its json). `path` may end in
+    .safetensors or name the scene without extension."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
+    tensor_path, meta_path = base + ".safetensors", base + ".json"
+    for p in (tensor_path, meta_path):
+        if not os.path.exists(p):
+            raise ValueError(f"{p}: scene file not found")
+    try:
+        arrays = load_file(tensor_path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{tensor_path}: unreadable safetensors file ({error})") from None
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{meta_path}: not valid JSON ({error.msg})") from None
+    check_scene(arrays, meta, tensor_path, meta_path)
+    scene = {key: arrays[key] for key in ("rgb", "instance", "K", "pose")}
+    scene["depth"] = arrays["depth"].astype(np.float32)
+    scene["meta"] = meta
+    return scene
+
+
+def check_scene(arrays, meta, tensor_path, meta_path):
+    expected = {"rgb": (np.uint8, 4), "depth": (np.float16, 3), "instance": (np.int16, 3), "K": (np.float32, 3),
+                "pose": (np.float32, 3)}
+    for key, (dtype, ndim) in expected.items():
+        if key not in arrays:
+            raise ValueError(f"{tensor_path}: tensor '{key}' is missing")
+        if arrays[key].dtype != dtype or arrays[key].ndim != ndim:
+            raise ValueError(f"{tensor_path}: tensor '{key}' must be {np.dtype(dtype).name} with {ndim} dims, "
+                             f"got {arrays[key].dtype} {arrays[key].shape}")
+    views, height, width, channels = arrays["rgb"].shape
+    shapes = {"rgb": (views, height, width, 3), "depth": (views, height, width), "instance": (views, height, width),
+              "K": (views, 3, 3), "pose": (views, 4, 4)}
+    for key, shape in shapes.items():
+        if arrays[key].shape != shape:
+            raise ValueError(f"{tensor_path}: tensor '{key}' has shape {arrays[key].shape}, expected {shape}")
+    for key in ("K", "pose"):
+        if not np.all(np.isfinite(arrays[key])):
+            raise ValueError(f"{tensor_path}: tensor '{key}' holds non-finite values")
+    if not isinstance(meta, dict) or not isinstance(meta.get("objects"), list):
+        raise ValueError(f"{meta_path}: field 'objects' must be a list")
+    frames = meta.get("video_frames")
+    if not (isinstance(frames, int) and 1 <= frames <= views):
+        raise ValueError(f"{meta_path}: field 'video_frames' must be an integer in 1..{views}, got {frames!r}")
+
+
+def semantic_map(instance, objects):
+    """Instance map (..., H, W) -> semantic class ids: shell surfaces, object categories, -1 = unknown."""
+    object_class = np.array([3 + CATEGORY_NAMES.index(o["category"]) if o["category"] in CATEGORY_NAMES else -1
+                             for o in objects] + [-1], dtype=np.int64)
+    semantic = object_class[np.where(instance >= 0, instance, len(objects))]
+    for name, shell_id in SHELL_IDS.items():
+        semantic = np.where(instance == shell_id, SEMANTIC_CLASSES.index(name), semantic)
+    return semantic
+
+
+def resize_views(images, depth, semantic, K, res):
+    """Resize (V,3,H,W) images (area), depth and semantic maps (nearest) to res x res, scaling K to match."""
+    height, width = images.shape[-2:]
+    if (height, width) == (res, res):
+        return images, depth, semantic, K
+    images = F.interpolate(images, size=(res, res), mode="area" if res < height else "bilinear")
+    depth = F.interpolate(depth[:, None], size=(res, res), mode="nearest")[:, 0]
+    semantic = F.interpolate(semantic[:, None].float(), size=(res, res), mode="nearest")[:, 0].long()
+    scale = torch.tensor([res / width, res / height, 1.0], dtype=K.dtype)
+    return images, depth, semantic, K * scale[None, :, None]
+
+
+class SceneStore:
+    """Loads scenes on demand from DATA/scenes and keeps the most recent ones in memory."""
+
+    def __init__(self, data_dir, cache=8):
+        self.scene_dir = os.path.join(data_dir, "scenes")
+        self.cache, self.capacity = OrderedDict(), cache
+
+    def scene(self, scene_id):
+        if scene_id not in self.cache:
+            self.cache[scene_id] = load_scene(os.path.join(self.scene_dir, scene_id))
+            if len(self.cache) > self.capacity:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(scene_id)
+        return self.cache[scene_id]
+
+    def frames(self, scene_id, frame_indices, res=None, markers=None):
+        """Frames as float32 (N, 3, H, W) in [0, 1]; markers (a record's) are drawn on their images first."""
+        scene = self.scene(scene_id)
+        views = len(scene["rgb"])
+        bad = [i for i in frame_indices if not 0 <= i < views]
+        if bad:
+            raise ValueError(f"{self.scene_dir}/{scene_id}.safetensors: frame {bad[0]} out of range (0..{views - 1})")
+        rgb = [draw_markers(scene["rgb"][i], markers, slot) if markers else scene["rgb"][i]
+               for slot, i in enumerate(frame_indices)]
+        images = torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
+        if res is not None and images.shape[-1] != res:
+            images = F.interpolate(images, size=(res, res), mode="area" if res < images.shape[-1] else "bilinear")
+        return images
+
+
+def scene_ids(data_dir, split):
+    """Scene ids of a split, sorted, read from the scene jsons."""
+    scene_dir = os.path.join(data_dir, "scenes")
+    if not os.path.isdir(scene_dir):
+        raise ValueError(f"{scene_dir}: no scenes folder (run generate_spar.py first)")
+    ids = []
+    for name in sorted(os.listdir(scene_dir)):
+        if name.endswith(".json"):
+            with open(os.path.join(scene_dir, name)) as f:
+                if json.load(f).get("split") == split:
+                    ids.append(name[:-len(".json")])
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# Stages geo and psfm: a few views of one scene, with cameras, depth and semantics
+
+
+class SceneViewsDataset(torch.utils.data.Dataset):
+    """Item i: `num_views` distinct views of scene i % n_scenes, chosen by a generator seeded with
+    (seed, epoch, i), so the same seed and epoch give the same samples on any machine and any rank.
+    View 0 of a sample is the reference view whose camera frame the models use as the scene frame."""
+
+    def __init__(self, data_dir, split="train", num_views=4, res=None, seed=0, samples_per_scene=1):
+        self.store = SceneStore(data_dir)
+        self.ids = scene_ids(data_dir, split)
+        if not self.ids:
+            raise ValueError(f"{data_dir}: no scenes in split '{split}'")
+        self.num_views, self.res, self.seed, self.epoch = num_views, res, seed, 0
+        self.samples_per_scene = samples_per_scene
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.ids) * self.samples_per_scene
+
+    def __getitem__(self, index):
+        scene_id = self.ids[index % len(self.ids)]
+        scene = self.store.scene(scene_id)
+        total = len(scene["rgb"])
+        if total < self.num_views:
+            raise ValueError(f"{scene_id}: has {total} views, {self.num_views} requested")
+        generator = torch.Generator().manual_seed(hash_seed(self.seed, self.epoch, index))
+        views = torch.randperm(total, generator=generator)[:self.num_views].numpy()
+        images = torch.from_numpy(scene["rgb"][views]).permute(0, 3, 1, 2).float() / 255  # (V, 3, H, W)
+        depth = torch.from_numpy(scene["depth"][views])  # (V, H, W)
+        semantic = torch.from_numpy(semantic_map(scene["instance"][views], scene["meta"]["objects"]))
+        K = torch.from_numpy(scene["K"][views].copy())
+        if self.res is not None:
+            images, depth, semantic, K = resize_views(images, depth, semantic, K, self.res)
+        return {"images": images, "depth": depth, "K": K, "pose": torch.from_numpy(scene["pose"][views].copy()),
+                "semantic": semantic, "scene": scene_id, "views": torch.from_numpy(views)}
+
+
+def hash_seed(*values):
+    """A 63-bit seed from a few integers (stable across processes, unlike Python's hash())."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def collate_views(items):
+    """Stack SceneViewsDataset items: images (B,V,3,H,W), depth (B,V,H,W), K (B,V,3,3), pose (B,V,4,4),
+    semantic (B,V,H,W); `scene` stays a list."""
+    batch = {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "scene"}
+    batch["scene"] = [item["scene"] for item in items]
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# Stage vlm: the images of a question, the question and its answer
+
+
+class QADataset(torch.utils.data.Dataset):
+    """Item: {"id", "task", "images" (N,3,H,W) in [0,1] with the question's markers drawn, "question", "answer",
+    "record"}. The chat template and tokenisation belong to vlm.py."""
+
+    def __init__(self, data_dir, split="train", res=None, markers=True):
+        self.path = os.path.join(data_dir, f"qa_{split}.jsonl")
+        self.records = load_qa_jsonl(self.path)
+        self.store, self.res, self.markers = SceneStore(data_dir), res, markers
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        try:
+            images = self.store.frames(record["scene"], record["image"], self.res,
+                                       record.get("markers") if self.markers else None)
+        except ValueError as error:
+            raise ValueError(f"{self.path}: record {record['id']!r} (field 'scene' / 'image'): {error}") from None
+        return {"id": record["id"], "task": record["task"], "images": images, "question": record["question"],
+                "answer": record["answer"], "record": record}
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: byte-level BPE trained on the QA text, with the chat's special tokens at ids 0..6
+
+SPECIAL_TOKENS = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<image>", "<spatial>"]
+
+
+def train_tokenizer(texts, path, vocab_size=2048):
+    """Train a byte-level BPE on `texts` and save it (atomically) as tokenizer.json at `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
+    tmp = f"{path}.tmp{os.getpid()}"
+    tokenizer.save(tmp)
+    os.replace(tmp, path)
+    return tokenizer
+
+
+def load_tokenizer(path):
+    """tokenizer.json -> tokenizers.Tokenizer, checking the special tokens the chat template relies on."""
+    from tokenizers import Tokenizer
+
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: tokenizer file not found")
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as error:  # tokenizers raises a bare Exception on malformed files
+        raise ValueError(f"{path}: unreadable tokenizer ({error})") from None
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != token_id:
+            raise ValueError(f"{path}: special token {token!r} must have id {token_id}, "
+                             f"has {tokenizer.token_to_id(token)}")
+    return tokenizer
