@@ -231,7 +231,7 @@ def read_predictions(path, records):
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{path} line {lineno}"
+            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -278,11 +278,12 @@ def load_model(ckpt_dir):
     return vlm.load_for_eval(ckpt_dir)
 
 
-def scene_frames(data_dir):
-    """load_frames for predict: a record's frames from the scene files, (N, 3, H, W) float32 in [0, 1]."""
+def scene_frames(data_dir, res=None):
+    """load_frames for predict: a record's frames from the scene files with its markers drawn, as training shows
+    them (data.QADataset), float32 (N, 3, H, W) in [0, 1]; res=None keeps the scene files' resolution."""
     import data
     store = data.SceneStore(data_dir)
-    return lambda record: store.frames(record["scene"], record["image"])
+    return lambda record: store.frames(record["scene"], record["image"], res, markers=record.get("markers"))
 
 
 def predict(model, records, load_frames, batch_size=16):
@@ -386,6 +387,7 @@ class EvalConfig:
     predictions: str = ""       # score this file of {"id", "prediction"} lines ...
     ckpt: str = ""              # ... or run the Spa3-VLM checkpoint in this directory
     batch_size: int = 16        # questions per model.answer call
+    res: int = 0                # model mode: frames resized to res x res (0: as the scene files store them)
     out: str = ""               # model mode: where predictions.jsonl goes (default: beside json_out, else in ckpt)
     json_out: str = ""          # write every number here as JSON
 
@@ -397,11 +399,13 @@ def parse_args(argv):
         key, has_value, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not has_value or key not in names:
             raise SystemExit(f"eval.py: bad argument {arg!r}: use --key=value with key in {', '.join(names)}")
-        if isinstance(getattr(cfg, key), int) and not (value.isdigit() and int(value) > 0):
-            raise SystemExit(f"eval.py: --{key} must be a positive whole number, got {value!r}")
+        if isinstance(getattr(cfg, key), int) and not value.isdigit():
+            raise SystemExit(f"eval.py: --{key} must be a whole number, got {value!r}")
         setattr(cfg, key, type(getattr(cfg, key))(value))
     if bool(cfg.predictions) == bool(cfg.ckpt):
         raise SystemExit("eval.py: give exactly one of --predictions=FILE (score a file) or --ckpt=DIR (run a model)")
+    if cfg.batch_size < 1:
+        raise SystemExit(f"eval.py: --batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.split not in ("val", "train"):
         raise SystemExit(f"eval.py: --split must be val or train, got {cfg.split!r}")
     return cfg
@@ -419,7 +423,7 @@ def run(cfg, model=None, load_frames=None):
         predictions = read_predictions(cfg.predictions, records)
     else:
         model = model if model is not None else load_model(cfg.ckpt)
-        answers = predict(model, records, load_frames or scene_frames(cfg.data), cfg.batch_size)
+        answers = predict(model, records, load_frames or scene_frames(cfg.data, cfg.res or None), cfg.batch_size)
         path = cfg.out or os.path.join(os.path.dirname(cfg.json_out) if cfg.json_out else cfg.ckpt, "predictions.jsonl")
         write_predictions(path, records, answers)
         print(f"wrote {len(answers)} predictions to {path}")

@@ -11,19 +11,6 @@ import eval as ev
 FOUR = ["A. 1.2", "B. left", "C. 3.5", "D. behind"]
 
 
-# TEMPORARY, until data.py lands: a bare JSONL reader standing in for data.load_qa_jsonl (no validation).
-# Inert once data.py exists; delete it then.
-@pytest.fixture(autouse=True)
-def _data_until_data_py_lands(monkeypatch):
-    try:
-        import data  # noqa: F401
-    except ImportError:
-        import types
-        stub = types.ModuleType("data")
-        stub.load_qa_jsonl = lambda path: [json.loads(line) for line in open(path) if line.strip()]
-        monkeypatch.setitem(__import__("sys").modules, "data", stub)
-
-
 # -----------------------------------------------------------------------------
 # Helpers: question records in the contract's layout, written where eval.run reads them
 
@@ -233,13 +220,13 @@ def test_malformed_predictions_name_file_line_and_field(tmp_path, lines, lineno,
     with pytest.raises(ValueError) as err:
         ev.read_predictions(str(path), [question("s1", "position_matching", "B", FOUR)])
     message = str(err.value)
-    assert message.startswith(f"{path} line {lineno}: field '{field}'") and "\n" not in message
+    assert message.startswith(f"{path}:{lineno}: field '{field}'") and "\n" not in message
 
 
 def test_bad_json_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"id": "s1", "prediction": "B"}\n{"id": \n')
-    with pytest.raises(ValueError, match=f"^{path} line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=f"^{path}:2: not valid JSON"):
         ev.read_predictions(str(path), [question("s1", "position_matching", "B", FOUR)])
 
 
