@@ -172,7 +172,7 @@ def summarize(records, scores):
 # Chance baselines, as VSI-Bench reports them, learned from the training questions
 
 def _answers_by_kind(train):
-    """(task, format_type) -> the training answers: letters for select, tuples of numbers for fill.
+    """(task, format_type) -> the training answers: letters for select, lists of numbers for fill.
     The format is part of the key because numeric SPAR tasks come as both fill and select."""
     answers = defaultdict(list)
     for record in train:
