@@ -497,8 +497,10 @@ def shade(scene, origin, d, depth, surface, rects):
     x, y, z = origin[0] + d[0] * finite, origin[1] + d[1] * finite, origin[2] + d[2] * finite
     # room shell: axis-aligned normals; the palette is indexed by -surface (1 floor, 2 ceiling, 10..13 walls)
     palette = np.zeros((14 + len(scene["objects"]), 3), dtype=np.float32)
-    palette[1], palette[2], palette[10:14] = room["floor_color"], room["ceiling_color"], room["wall_colors"]
-    palette[14:] = [o["color"] for o in scene["objects"]]
+    gray = [128, 128, 128]  # scanned rooms have no colours: their shell is never rendered
+    palette[1], palette[2] = room.get("floor_color", gray), room.get("ceiling_color", gray)
+    palette[10:14] = room.get("wall_colors", [gray] * 4)
+    palette[14:] = np.reshape([o["color"] for o in scene["objects"]], (-1, 3))
     light_of = np.zeros(14, dtype=np.float32)
     light_of[[1, 2, 10, 11, 12, 13]] = np.abs(LIGHT[[2, 2, 0, 0, 1, 1]])
     lookup = np.where(surface >= 0, 14 + surface, np.clip(-surface, 0, 13))

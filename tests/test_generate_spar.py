@@ -1,0 +1,465 @@
+"""Tests for generate_spar.py: the renderer against independent geometry, the QA engine on hand-built scenes,
+determinism, file formats and the real-scan source."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import generate_spar as g
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_box(index, category, center, size, yaw=0.0, shape="box"):
+    return {"id": index, "category": category, "shape": shape, "center": list(center), "size": list(size),
+            "yaw": yaw, "color": [200, 100, 50], "parent": None}
+
+
+def make_scene(objects, room=(8.0, 6.0, 3.0)):
+    w, d, h = room
+    return {"id": "hand", "source": "procedural", "objects": objects,
+            "room": {"size": [w, d, h], "floor_area": w * d, "floor_color": [120, 120, 120],
+                     "ceiling_color": [230, 230, 230], "wall_colors": [[150, 150, 150]] * 4}}
+
+
+# -----------------------------------------------------------------------------
+# renderer
+
+
+def test_floor_depth_matches_trigonometry():
+    """A camera at height h pitched down by theta: the ray through a pixel row at angle alpha below the axis
+    meets the floor after h / sin(theta + alpha), i.e. at z-depth h cos(alpha) / sin(theta + alpha)."""
+    height, theta, res = 1.4, math.radians(35), 64
+    K = g.intrinsics(res, res, 60)
+    pose = g.look_pose(np.array([0.0, 0.0, height]), 0.3, -theta)
+    _, depth, instance = g.render(make_scene([]), K, pose, res, res)
+    f, cy = K[1, 1], K[1, 2]
+    for row in range(res // 2, res):
+        alpha = math.atan((row + 0.5 - cy) / f)
+        expected = height * math.cos(alpha) / math.sin(theta + alpha)
+        assert instance[row, res // 2] == g.SHELL_IDS["floor"]
+        assert abs(depth[row, res // 2] - expected) < 1e-3
+
+
+def test_box_face_depth_is_exact():
+    """A camera looking along +x at an axis-aligned box: every pixel on the facing side has z-depth equal to
+    the face's distance, and the face spans exactly the projection of its edges."""
+    box = make_box(0, "cabinet", (2.0, 0.0, 1.5), (1.0, 2.0, 1.0))
+    res = 64
+    K = g.intrinsics(res, res, 90)
+    pose = g.look_pose(np.array([-2.0, 0.0, 1.5]), 0.0, 0.0)
+    _, depth, instance = g.render(make_scene([box]), K, pose, res, res)
+    face_distance = (2.0 - 0.5) - (-2.0)
+    on_box = instance == 0
+    assert on_box.sum() > 100
+    np.testing.assert_allclose(depth[on_box], face_distance, atol=1e-3)
+    # the face's half-width 1 m at 3.5 m spans |u + 0.5 - cx| <= fx / 3.5 pixels
+    u = np.arange(res) + 0.5 - K[0, 2]
+    expected_columns = np.abs(u) < K[0, 0] * 1.0 / face_distance
+    assert np.array_equal(on_box[res // 2], expected_columns)
+
+
+def test_instance_map_matches_brute_force_ray_marching():
+    """March along the rays of a few pixels in 2 mm steps: the first object containing a point is the one the
+    instance map names, and the depth agrees to the step size."""
+    objects = [make_box(0, "table", (1.0, 0.3, 0.4), (1.2, 0.7, 0.8), yaw=0.5),
+               make_box(1, "stool", (0.0, -0.7, 0.3), (0.5, 0.5, 0.6), shape="cylinder"),
+               make_box(2, "plant", (0.6, -0.1, 1.2), (0.5, 0.5, 0.5), shape="sphere")]
+    res = 48
+    K = g.intrinsics(res, res, 70)
+    pose = g.look_pose(np.array([-2.0, 0.0, 1.5]), 0.05, -0.3)
+    _, depth, instance = g.render(make_scene(objects), K, pose, res, res)
+
+    def inside(obj, points):
+        local = (points - obj["center"]) @ g.yaw_matrix(obj["yaw"]) / (np.array(obj["size"]) / 2)
+        if obj["shape"] == "box":
+            return np.all(np.abs(local) <= 1, axis=1)
+        if obj["shape"] == "sphere":
+            return (local ** 2).sum(1) <= 1
+        return ((local[:, :2] ** 2).sum(1) <= 1) & (np.abs(local[:, 2]) <= 1)
+
+    rng = np.random.default_rng(0)
+    hits = np.argwhere(instance >= 0)
+    pixels = [tuple(p) for p in hits[rng.choice(len(hits), 12, replace=False)]] + [(2, 2), (res - 3, 3)]
+    steps = np.arange(0.0, 6.0, 0.002)
+    for v, u in pixels:
+        ray = pose[:3, :3] @ np.linalg.solve(K, [u + 0.5, v + 0.5, 1.0])  # camera z = 1: step = z-depth
+        points = pose[:3, 3] + steps[:, None] * ray
+        first = [np.argmax(inside(o, points)) if inside(o, points).any() else len(steps) for o in objects]
+        nearest = int(np.argmin(first))
+        if first[nearest] == len(steps):
+            assert instance[v, u] < 0
+        else:
+            assert instance[v, u] == nearest
+            assert abs(depth[v, u] - steps[first[nearest]]) <= 0.0025
+
+
+def test_camera_centre_is_the_pose_translation():
+    """The QA engine's camera centre is pose[:3, 3] of the camera-to-world pose, not -R.T @ t (the VLM-3R bug)."""
+    pose = g.look_pose(np.array([1.0, -2.0, 1.5]), 1.1, -0.4)
+    assert np.allclose(g.camera_center(pose), [1.0, -2.0, 1.5])
+    wrong = -pose[:3, :3].T @ pose[:3, 3]
+    assert not np.allclose(wrong, pose[:3, 3])
+    # and the distance answer uses it
+    obj = make_box(0, "chair", (3.0, 0.0, 0.45), (0.5, 0.5, 0.9))
+    views = views_of(make_scene([obj]), [pose], res=64, force_visible=True)
+    record = g.ask_distance_oc(g.Asker(views, np.random.default_rng(0), numeric_select=0), False)
+    assert float(record["answer"]) == pytest.approx(np.linalg.norm(np.array(obj["center"]) - [1.0, -2.0, 1.5]), abs=0.005)
+    assert abs(float(record["answer"]) - np.linalg.norm(np.array(obj["center"]) - wrong)) > 0.1
+
+
+def test_renderer_rgb_and_depth_are_deterministic():
+    rng = np.random.default_rng(1)
+    scene = g.sample_scene(rng, "s")
+    K, poses = g.sample_cameras(rng, scene, 2, 1, 32)
+    a = [g.render(scene, K[i], poses[i], 32, 32) for i in range(3)]
+    b = [g.render(scene, K[i], poses[i], 32, 32) for i in range(3)]
+    for x, y in zip(a, b):
+        for p, q in zip(x, y):
+            assert p.tobytes() == q.tobytes()
+
+
+# -----------------------------------------------------------------------------
+# QA engine on hand-built scenes
+
+
+def views_of(scene, poses, res=96, video_frames=None, force_visible=False):
+    """Render a hand scene and build the QA engine's view of it."""
+    K = np.stack([g.intrinsics(res, res, 70)] * len(poses))
+    instance = np.stack([g.render(scene, K[i], p, res, res)[2] for i, p in enumerate(poses)])
+    views = g.scene_views(scene, K, np.stack(poses), instance, video_frames or len(poses))
+    if force_visible:
+        views.pixels[:] = views.min_pixels
+    return views
+
+
+def marked(record, objects):
+    """Objects named by a record's markers, in order, and the view index of each."""
+    return [objects[m["object"]] for m in record["markers"]], [record["image"][m["image"]] for m in record["markers"]]
+
+
+def option_text(record):
+    return {o[0]: o[3:] for o in record["options"]}[record["answer"]]
+
+
+def value_of(record):
+    return float(record["answer"]) if record["format_type"] == "fill" else float(option_text(record))
+
+
+@pytest.fixture(scope="module")
+def spar_scene():
+    """Three boxes in front of three cameras, all in one 8 x 6 m room."""
+    objects = [make_box(0, "chair", (0.0, 1.0, 0.45), (0.5, 0.5, 0.9)),
+               make_box(1, "table", (1.0, -1.0, 0.375), (1.4, 0.8, 0.75)),
+               make_box(2, "bed", (2.5, 1.2, 0.25), (2.0, 1.6, 0.5))]
+    poses = [g.look_pose(np.array([-3.0, 0.0, 1.5]), 0.0, math.radians(-15)),
+             g.look_pose(np.array([-2.0, -1.0, 1.6]), math.radians(-5), math.radians(-20)),
+             g.look_pose(np.array([-2.5, 1.5, 1.4]), math.radians(-25), math.radians(-12))]
+    scene = make_scene(objects)
+    return scene, views_of(scene, poses)
+
+
+def many(task, views, count=20, numeric_select=0.5):
+    asker = g.Asker(views, np.random.default_rng(0), numeric_select=numeric_select)
+    records = [g.ASK[task](asker) for _ in range(count)]
+    records = [r for r in records if r is not None]
+    assert records, f"{task}: no question could be asked"
+    return records
+
+
+def camera_basis(pose):
+    """Independent heading frame: yaw from the optical axis' floor projection, right = (sin, -cos)."""
+    yaw = math.atan2(pose[1, 2], pose[0, 2])
+    return np.array([math.cos(yaw), math.sin(yaw)]), np.array([math.sin(yaw), -math.cos(yaw)])
+
+
+def test_depth_and_distance_answers(spar_scene):
+    scene, views = spar_scene
+    objects = scene["objects"]
+    for task in ("depth_prediction_oc", "depth_prediction_oc_mv", "distance_prediction_oc", "distance_prediction_oo_mv",
+                 "depth_prediction_oo"):
+        for record in many(task, views):
+            objs, _ = marked(record, objects)
+            pose = views.poses[record["image"][0]]  # distances refer to image 1's camera
+            centers = [np.array(o["center"]) for o in objs]
+            depths = [np.dot(c - pose[:3, 3], pose[:3, 2]) for c in centers]  # along the optical axis
+            if task.startswith("depth_prediction_oc"):
+                expected = depths[0]
+            elif task == "depth_prediction_oo":
+                expected = depths[0] - depths[1]
+            elif task == "distance_prediction_oc":
+                expected = np.linalg.norm(centers[0] - pose[:3, 3])
+            else:
+                expected = np.linalg.norm(centers[0] - centers[1])
+            assert value_of(record) == pytest.approx(expected, abs=0.006), record["question"]
+
+
+def test_relation_and_imagination_answers(spar_scene):
+    scene, views = spar_scene
+    objects = scene["objects"]
+    for record in many("obj_spatial_relation_oo", views):
+        (a, b), _ = marked(record, objects)
+        forward, right = camera_basis(views.poses[record["image"][0]])
+        delta = np.array(a["center"][:2]) - b["center"][:2]
+        side, depth = delta @ right, delta @ forward
+        expected = ("right of" if side > 0 else "left of") if abs(side) > abs(depth) else ("behind" if depth > 0 else "in front of")
+        assert option_text(record) == expected
+    for record in many("spatial_imagination_oo", views):
+        (a, b, c), _ = marked(record, objects)
+        facing = np.array(b["center"][:2]) - a["center"][:2]
+        target = np.array(c["center"][:2]) - a["center"][:2]
+        cross = facing[0] * target[1] - facing[1] * target[0]  # > 0: target is counter-clockwise = left
+        expected = ("front-" if facing @ target > 0 else "back-") + ("left" if cross > 0 else "right")
+        assert option_text(record) == expected
+    for record in many("spatial_imagination_oc", views):
+        (a, b), _ = marked(record, objects)
+        facing = views.poses[record["image"][0]][:2, 3] - a["center"][:2]
+        target = np.array(b["center"][:2]) - a["center"][:2]
+        cross = facing[0] * target[1] - facing[1] * target[0]
+        assert option_text(record) == ("front-" if facing @ target > 0 else "back-") + ("left" if cross > 0 else "right")
+
+
+def test_view_change_and_camera_motion_answers(spar_scene):
+    _, views = spar_scene
+    for record in many("view_change_infer", views):
+        first, second = (views.poses[i] for i in record["image"])
+        forward, right = camera_basis(first)
+        move = second[:2, 3] - first[:2, 3]
+        turn = math.degrees(math.atan2(first[1, 2], first[0, 2]) - math.atan2(second[1, 2], second[0, 2]))
+        expected = [move @ right, move @ forward, turn]
+        got = [float(x) for x in record["answer"].split(",")]
+        assert got == pytest.approx(expected, abs=0.51), record["answer"]  # rounding: 2 decimals and whole degrees
+    # pose 0 -> 1: 1 m right, 1 m forward, 5 degrees right (no dominant direction, too small a turn);
+    # pose 0 -> 2: 1.5 m left, 0.5 m forward, 25 degrees right
+    assert np.allclose(g.camera_motion(views.poses[0], views.poses[1]), (1.0, 1.0, 5.0))
+    assert g.motion_words(*g.camera_motion(views.poses[0], views.poses[1])) is None
+    assert np.allclose(g.camera_motion(views.poses[0], views.poses[2]), (-1.5, 0.5, 25.0))
+    assert g.motion_words(*g.camera_motion(views.poses[0], views.poses[2])) == "moved left and turned right"
+    for record in many("camera_motion_infer", views):
+        first, second = (views.poses[i] for i in record["image"])
+        forward, right = camera_basis(first)
+        move = second[:2, 3] - first[:2, 3]
+        side, ahead = move @ right, move @ forward
+        turn = math.atan2(first[1, 2], first[0, 2]) - math.atan2(second[1, 2], second[0, 2])
+        words = (("moved right" if side > 0 else "moved left") if abs(side) > abs(ahead)
+                 else ("moved forward" if ahead > 0 else "moved backward"))
+        assert option_text(record) == words + (" and turned right" if turn > 0 else " and turned left")
+
+
+def test_counting_size_room_order_and_route_on_a_video():
+    """Four objects in the corners of a 10 x 8 m room (plus a second chair by the sofa); the video looks at
+    one corner per frame, in a known order."""
+    corners = {"table": (-3.5, -2.5), "sofa": (3.5, -2.5), "bed": (3.5, 2.5), "fridge": (-3.5, 2.5)}
+    sizes = {"table": (1.4, 0.8, 0.75), "sofa": (2.0, 0.9, 0.85), "bed": (2.0, 1.6, 0.55), "fridge": (0.7, 0.7, 1.8)}
+    objects = [make_box(i, name, (x, y, sizes[name][2] / 2), sizes[name]) for i, (name, (x, y)) in enumerate(corners.items())]
+    objects += [make_box(4, "chair", (2.4, -2.7, 0.45), (0.5, 0.5, 0.9)), make_box(5, "chair", (3.0, -1.6, 0.45), (0.5, 0.5, 0.9))]
+    scene = make_scene(objects, room=(10.0, 8.0, 3.0))
+    order = ["sofa", "bed", "table", "fridge"]
+    poses = []
+    for name in order:  # stand 2.2 m from the corner object, towards the room centre, and look at it
+        target = np.array(corners[name])
+        position = target * (1 - 2.2 / np.linalg.norm(target))
+        yaw = math.atan2(*(target - position)[::-1])
+        poses.append(g.look_pose(np.array([*position, 1.5]), yaw, math.radians(-20)))
+    views = views_of(scene, poses, res=96)
+    seen = [set(views.visible(v)) for v in range(4)]
+    assert seen[0] >= {1, 4, 5} and 0 not in seen[0] | seen[1], seen  # the hand setup is what we think
+
+    record = many("obj_appearance_order", views)[0]
+    assert option_text(record) == ", ".join(order)
+    for record in many("object_counting", views):
+        category = record["question"].split("How many ")[1].split("(s)")[0]
+        assert int(record["answer"]) == sum(o["category"] == category for o in objects)
+    for record in many("object_size_estimation", views):
+        name = record["question"].split("dimension (length, width, or height) of the ")[1].split(",")[0]
+        assert int(record["answer"]) == round(100 * max(sizes[name]))
+    assert many("room_size_estimation", views)[0]["answer"] == "80.0"
+    for record in many("route_planning", views):
+        names = [record["question"].split(f"{k}. Go forward until the ")[1].split(".")[0] for k in (1, 3, 5)]
+        start = record["question"].split("beginning at the ")[1].split(" facing")[0]
+        path = [np.array(corners[n]) for n in [start] + names]
+        turns = []
+        for k in (1, 2):
+            h1, h2 = path[k] - path[k - 1], path[k + 1] - path[k]
+            cross, dot = h1[0] * h2[1] - h1[1] * h2[0], h1 @ h2
+            turns.append("Turn Back" if dot < -0.9 * np.linalg.norm(h1) * np.linalg.norm(h2)
+                         else ("Turn Left" if cross > 0 else "Turn Right"))
+        assert option_text(record) == ", ".join(turns)
+    for record in many("object_abs_distance", views):
+        names = record["question"].split("between the ")[1].split(" (in meters)")[0].split(" and the ")
+        a, b = (objects[list(corners).index(n)] for n in names)
+        gaps = [max(0.0, abs(a["center"][k] - b["center"][k]) - (a["size"][k] + b["size"][k]) / 2) for k in range(3)]
+        assert float(record["answer"]) == pytest.approx(math.hypot(*gaps), abs=0.006)
+
+
+def test_closest_box_distance_matches_dense_sampling():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a = make_box(0, "box", rng.uniform(-1, 1, 3), rng.uniform(0.2, 1.0, 3), yaw=rng.uniform(0, 3))
+        b = make_box(1, "box", rng.uniform(-1, 1, 3) + [2.0, 0, 0], rng.uniform(0.2, 1.0, 3), yaw=rng.uniform(0, 3))
+
+        def surface(obj, n=24):
+            grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n)] * 3, indexing="ij"), -1).reshape(-1, 3)
+            grid = grid[np.abs(grid).max(1) == 1]  # the cube's surface
+            return (grid * np.array(obj["size"]) / 2) @ g.yaw_matrix(obj["yaw"]).T + obj["center"]
+
+        pa, pb = surface(a), surface(b)
+        brute = min(np.linalg.norm(pa[i::50, None] - pb[None], axis=-1).min() for i in range(50))
+        assert g.closest_box_distance(a, b) == pytest.approx(brute, abs=0.05)
+        assert g.closest_box_distance(a, b) <= brute + 1e-9
+
+
+def test_numeric_distractors_are_spread_and_in_range():
+    rng = np.random.default_rng(0)
+    for truth in (0.8, 2.37, 14.0):
+        values = [float(v) for v in g.numeric_distractors(rng, truth, 2)]
+        everything = [truth] + values
+        assert all(0.25 * truth - 0.01 <= v <= 1.75 * truth + 0.01 for v in values)
+        assert all(abs(x - y) >= 0.2 * truth - 0.01 for i, x in enumerate(everything) for y in everything[i + 1:])
+
+
+# -----------------------------------------------------------------------------
+# files: the command line, determinism, formats
+
+
+def run_generator(out, *args):
+    subprocess.run([sys.executable, os.path.join(ROOT, "generate_spar.py"), f"--out={out}", *args],
+                   check=True, capture_output=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spar")
+    run_generator(out, "--scenes=8", "--val_scenes=2", "--res=96", "--seed=0", "--preview=1", "--vocab_size=512")
+    return out
+
+
+def test_all_28_tasks_and_disjoint_splits(generated):
+    train = [json.loads(line) for line in open(generated / "qa_train.jsonl")]
+    val = [json.loads(line) for line in open(generated / "qa_val.jsonl")]
+    assert {r["task"] for r in train + val} == set(g.TASKS)
+    assert not {r["scene"] for r in train} & {r["scene"] for r in val}
+    for r in train:
+        assert json.load(open(generated / "scenes" / f"{r['scene']}.json"))["split"] == "train"
+    assert len({r["id"] for r in train + val}) == len(train + val)
+
+
+def test_same_seed_same_bytes_for_any_number_of_workers(tmp_path):
+    for workers in (1, 2):
+        run_generator(tmp_path / f"w{workers}", "--scenes=3", "--val_scenes=1", "--res=48", "--views=6",
+                      "--random_views=2", "--seed=7", f"--workers={workers}", "--vocab_size=300")
+    names = sorted(p.relative_to(tmp_path / "w1") for p in (tmp_path / "w1").rglob("*") if p.is_file())
+    assert len(names) == 4 * 2 + 3
+    for name in names:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+
+
+def test_scene_file_loads_with_the_safetensors_library(generated):
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(generated / "scenes" / "scene00000.safetensors"))
+    ours = g.read_safetensors(str(generated / "scenes" / "scene00000.safetensors"))
+    meta = json.load(open(generated / "scenes" / "scene00000.json"))
+    assert arrays["rgb"].shape == (20, 96, 96, 3) and arrays["rgb"].dtype == np.uint8
+    assert arrays["depth"].dtype == np.float16 and arrays["instance"].dtype == np.int16
+    assert meta["video_frames"] == 16
+    for key in arrays:
+        assert np.array_equal(arrays[key], ours[key])
+    # the stored depth is the renderer's (to float16 precision)
+    scene = meta
+    _, depth, instance = g.render(scene, arrays["K"][3], arrays["pose"][3], 96, 96)
+    np.testing.assert_allclose(arrays["depth"][3].astype(np.float32), depth, rtol=1e-3)
+    assert np.array_equal(arrays["instance"][3], instance)
+
+
+def test_preview_png_shows_markers(generated):
+    pngs = sorted((generated / "preview").glob("*position_matching*.png"))
+    assert pngs
+    image = g.read_png(str(pngs[0]))
+    red = (image[..., 0] == 255) & (image[..., 1] == 0) & (image[..., 2] == 0)
+    assert red.sum() > 5  # the red marker is drawn
+    assert (pngs[0].with_suffix(".txt")).read_text().count("answer:") == 1
+
+
+def test_png_round_trip_including_filters(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    g.write_png(str(tmp_path / "a.png"), rgb)
+    assert np.array_equal(g.read_png(str(tmp_path / "a.png")), rgb)
+    depth = rng.integers(0, 65535, (5, 4)).astype(np.uint16)
+    g.write_png(str(tmp_path / "d.png"), depth)
+    assert np.array_equal(g.read_png(str(tmp_path / "d.png")), depth)
+
+
+def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    g.write_atomic(str(path), b"old")
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError):
+        g.write_atomic(str(path), b"new contents")
+    assert path.read_bytes() == b"old"
+
+
+# -----------------------------------------------------------------------------
+# real scans
+
+
+def write_scan(scene, K, poses, res, out):
+    """Lay out a rendered scene as a scan in the SPAR RGBD layout (PNG colour, depth in mm) + boxes.json."""
+    for folder in ("image_color", "image_depth", "intrinsic", "pose"):
+        os.makedirs(out / folder, exist_ok=True)
+    np.savetxt(out / "intrinsic" / "intrinsic_color.txt", K[0])
+    for v, pose in enumerate(poses):
+        rgb, depth, _ = g.render(scene, K[v], pose, res, res)
+        g.write_png(str(out / "image_color" / f"{v:03d}.png"), rgb)
+        g.write_png(str(out / "image_depth" / f"{v:03d}.png"), np.round(depth * 1000).astype(np.uint16))
+        np.savetxt(out / "pose" / f"{v:03d}.txt", pose)
+    boxes = [{"category": o["category"], "center": o["center"], "size": o["size"], "yaw": o["yaw"]}
+             for o in scene["objects"]]
+    json.dump({"objects": boxes, "room": {"floor_area": scene["room"]["floor_area"]}}, open(out / "boxes.json", "w"))
+
+
+def test_scan_source_reads_the_spar_layout_and_asks_the_same_questions(tmp_path):
+    rng = np.random.default_rng(4)
+    scene = g.sample_scene(rng, "scan0")
+    for obj in scene["objects"]:
+        obj["shape"] = "box"  # scans describe objects by boxes only
+    K, poses = g.sample_cameras(rng, scene, 6, 2, 64)
+    write_scan(scene, K, poses, 64, tmp_path / "scan0")
+    loaded, rgb, depth, instance, K2, poses2 = g.load_scan(str(tmp_path / "scan0"), 64)
+    assert np.allclose(K2, K) and np.allclose(poses2, poses)
+    _, true_depth, true_instance = zip(*[g.render(scene, K[v], poses[v], 64, 64) for v in range(len(poses))])
+    assert np.abs(depth - np.stack(true_depth)).max() <= 0.0006  # millimetre PNG
+    objects_seen = np.stack(true_instance) >= 0
+    agree = (instance == np.stack(true_instance))[objects_seen].mean()
+    assert agree > 0.97, agree
+    # the same QA engine: distance answers from the scan equal the ground truth of the procedural scene
+    views = g.scene_views(loaded, K2, poses2, instance, 6)
+    for record in g.make_questions(views, np.random.default_rng(0), 2, 0.0, ["distance_prediction_oc"]):
+        obj = scene["objects"][record["markers"][0]["object"]]
+        expected = np.linalg.norm(np.array(obj["center"]) - poses[record["image"][0]][:3, 3])
+        assert float(record["answer"]) == pytest.approx(expected, abs=0.006)
+
+
+def test_scan_errors_name_the_file_and_field(tmp_path):
+    rng = np.random.default_rng(4)
+    scene = g.sample_scene(rng, "scan0")
+    K, poses = g.sample_cameras(rng, scene, 2, 0, 32)
+    write_scan(scene, K, poses, 32, tmp_path / "scan0")
+    boxes = json.load(open(tmp_path / "scan0" / "boxes.json"))
+    boxes["objects"][1]["size"] = [1.0, "x", 2.0]
+    json.dump(boxes, open(tmp_path / "scan0" / "boxes.json", "w"))
+    with pytest.raises(ValueError, match=r"boxes.json: objects\[1\].size"):
+        g.load_scan(str(tmp_path / "scan0"), 32)
+    np.savetxt(tmp_path / "scan0" / "pose" / "001.txt", np.full((4, 4), np.nan))
+    with pytest.raises(ValueError, match=r"pose/001.txt: pose"):
+        g.read_matrix(str(tmp_path / "scan0" / "pose" / "001.txt"), "pose", (4, 4))
