@@ -42,8 +42,9 @@ def check_record(record, where):
     if record.get("img_type") not in IMG_TYPES:
         raise ValueError(f"{where}: field 'img_type' must be one of {IMG_TYPES}, got {record.get('img_type')!r}")
     image = record.get("image")
-    if not (isinstance(image, list) and image and all(isinstance(i, int) and i >= 0 for i in image)):
-        raise ValueError(f"{where}: field 'image' must be a non-empty list of frame indices, got {image!r}")
+    # empty only in scoring-only records (eval.from_vsibench: VSI-Bench's videos are not our frames)
+    if not (isinstance(image, list) and all(isinstance(i, int) and i >= 0 for i in image)):
+        raise ValueError(f"{where}: field 'image' must be a list of frame indices, got {image!r}")
     options = record.get("options")
     if record["format_type"] == "select":
         if not (isinstance(options, list) and len(options) >= 2 and all(isinstance(o, str) for o in options)):
@@ -56,25 +57,29 @@ def check_record(record, where):
             raise ValueError(f"{where}: field 'markers' holds a malformed marker {marker!r}")
 
 
+def read_jsonl(path):
+    """(line number, parsed JSON) for each non-blank line; a bad line is a ValueError naming file and line."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield line_number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+
+
 def load_qa_jsonl(path):
     """Validated QA records of one JSONL file; ids must be unique."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: QA file not found")
     records, seen = [], set()
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            check_record(record, where)
-            if record["id"] in seen:
-                raise ValueError(f"{where}: field 'id' {record['id']!r} is duplicated")
-            seen.add(record["id"])
-            records.append(record)
+    for line_number, record in read_jsonl(path):
+        where = f"{path}:{line_number}"
+        check_record(record, where)
+        if record["id"] in seen:
+            raise ValueError(f"{where}: field 'id' {record['id']!r} is duplicated")
+        seen.add(record["id"])
+        records.append(record)
     return records
 
 
@@ -272,6 +277,8 @@ class QADataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         record = self.records[index]
+        if not record["image"]:
+            raise ValueError(f"{self.path}: record {record['id']!r} field 'image' is empty: nothing to train on")
         try:
             images = self.store.frames(record["scene"], record["image"], self.res,
                                        record.get("markers") if self.markers else None)

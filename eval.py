@@ -30,25 +30,20 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 
-# -----------------------------------------------------------------------------
-# The tasks, grouped as each benchmark groups them (interfaces.md)
+from generate_spar import SPAR_TASKS, TASKS, VSI_TASKS, write_atomic
 
-BENCHMARKS = {
-    "SPAR-Bench": {
-        "low": ["depth_prediction_oc", "depth_prediction_oc_mv", "depth_prediction_oo", "depth_prediction_oo_mv",
-                "distance_prediction_oc", "distance_prediction_oc_mv", "distance_prediction_oo",
-                "distance_prediction_oo_mv"],
-        "middle": ["view_change_infer", "position_matching", "camera_motion_infer", "obj_spatial_relation_oo",
-                   "obj_spatial_relation_oc_mv", "obj_spatial_relation_oo_mv"],
-        "high": ["spatial_imagination_oc", "spatial_imagination_oo", "spatial_imagination_oc_mv",
-                 "spatial_imagination_oo_mv", "distance_infer_center_oo", "distance_infer_center_oo_mv"],
-    },
-    "VSI-Bench": {
-        "configuration": ["object_counting", "object_rel_distance", "object_rel_direction", "route_planning"],
-        "measurement": ["object_abs_distance", "object_size_estimation", "room_size_estimation"],
-        "spatiotemporal": ["obj_appearance_order"],
-    },
-}
+# -----------------------------------------------------------------------------
+# The tasks, grouped as each benchmark groups them (generate_spar.TASKS holds each task's level)
+
+def _levels(tasks):
+    """{level: [task, ...]} in the order generate_spar.TASKS lists them (the one table of task levels)."""
+    levels = {}
+    for task in tasks:
+        levels.setdefault(TASKS[task][0], []).append(task)
+    return levels
+
+
+BENCHMARKS = {"SPAR-Bench": _levels(SPAR_TASKS), "VSI-Bench": _levels(VSI_TASKS)}
 TASK_LEVEL = {task: level for groups in BENCHMARKS.values() for level, tasks in groups.items() for task in tasks}
 
 # -----------------------------------------------------------------------------
@@ -225,48 +220,35 @@ def chance_frequency(train, records):
 
 def read_predictions(path, records):
     """id -> prediction. Any malformed line is a one-line ValueError naming the file, the line and the field."""
+    from data import read_jsonl
+
     known = {record["id"] for record in records}
     predictions, first_line = {}, {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object with fields 'id' and 'prediction'")
-            pid = row.get("id")
-            if pid is None:
-                raise ValueError(f"{where}: field 'id': missing")
-            if isinstance(pid, bool) or not isinstance(pid, (str, int)):
-                raise ValueError(f"{where}: field 'id': must be a string, got {type(pid).__name__}")
-            pid = str(pid)  # VSI-Bench ids are integers; from_vsibench turns them into strings the same way
-            if pid in first_line:
-                raise ValueError(f"{where}: field 'id': duplicate id {pid!r} (first on line {first_line[pid]})")
-            if pid not in known:
-                raise ValueError(f"{where}: field 'id': id {pid!r} is not among the questions")
-            if not isinstance(row.get("prediction"), str):
-                got = type(row["prediction"]).__name__ if "prediction" in row else "nothing"
-                raise ValueError(f"{where}: field 'prediction': must be a string, got {got}")
-            first_line[pid], predictions[pid] = lineno, row["prediction"]
+    for lineno, row in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object with fields 'id' and 'prediction'")
+        pid = row.get("id")
+        if pid is None:
+            raise ValueError(f"{where}: field 'id': missing")
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise ValueError(f"{where}: field 'id': must be a string, got {type(pid).__name__}")
+        pid = str(pid)  # VSI-Bench ids are integers; from_vsibench turns them into strings the same way
+        if pid in first_line:
+            raise ValueError(f"{where}: field 'id': duplicate id {pid!r} (first on line {first_line[pid]})")
+        if pid not in known:
+            raise ValueError(f"{where}: field 'id': id {pid!r} is not among the questions")
+        if not isinstance(row.get("prediction"), str):
+            got = type(row["prediction"]).__name__ if "prediction" in row else "nothing"
+            raise ValueError(f"{where}: field 'prediction': must be a string, got {got}")
+        first_line[pid], predictions[pid] = lineno, row["prediction"]
     return predictions
-
-
-def write_atomic(path, text):
-    """Write to a temporary name beside path, then rename, so a reader never sees half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def write_predictions(path, records, predictions):
     rows = [{"id": r["id"], "task": r["task"], "prediction": p} for r, p in zip(records, predictions)]
-    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
 # -----------------------------------------------------------------------------
@@ -437,7 +419,7 @@ def run(cfg, model=None, load_frames=None):
         print(f"note: {result['n_missing']} of {len(records)} questions have no prediction; they score 0")
     print(report(result))
     if cfg.json_out:
-        write_atomic(cfg.json_out, json.dumps({"config": asdict(cfg), **result}, indent=1) + "\n")
+        write_atomic(cfg.json_out, (json.dumps({"config": asdict(cfg), **result}, indent=1) + "\n").encode())
     return result
 
 

@@ -75,7 +75,8 @@ CATEGORY_NAMES = list(CATEGORIES)
 SHELL_IDS = {"floor": -1, "ceiling": -2, "wall": -3}  # values in the instance map; -4 = unknown (real scans)
 SEMANTIC_CLASSES = ["floor", "ceiling", "wall"] + CATEGORY_NAMES
 
-# task -> (benchmark level, image type). SPAR-Bench's 20 tasks, then VSI-Bench's 8.
+# task -> (benchmark level, image type). SPAR-Bench's 20 tasks with its evaluator's levels (middle: view change,
+# position matching, camera motion; high: every other multiple-choice task), then VSI-Bench's 8 with its groups.
 TASKS = {
     "depth_prediction_oc": ("low", "single_view"),
     "depth_prediction_oc_mv": ("low", "multi_view"),
@@ -88,9 +89,9 @@ TASKS = {
     "view_change_infer": ("middle", "multi_view"),
     "position_matching": ("middle", "multi_view"),
     "camera_motion_infer": ("middle", "multi_view"),
-    "obj_spatial_relation_oo": ("middle", "single_view"),
-    "obj_spatial_relation_oc_mv": ("middle", "multi_view"),
-    "obj_spatial_relation_oo_mv": ("middle", "multi_view"),
+    "obj_spatial_relation_oo": ("high", "single_view"),
+    "obj_spatial_relation_oc_mv": ("high", "multi_view"),
+    "obj_spatial_relation_oo_mv": ("high", "multi_view"),
     "spatial_imagination_oc": ("high", "single_view"),
     "spatial_imagination_oo": ("high", "single_view"),
     "spatial_imagination_oc_mv": ("high", "multi_view"),
