@@ -1,0 +1,221 @@
+"""Tests for data.py: validated loading (every malformed input names its file and field), the two datasets,
+and the tokenizer."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import generate_spar as g
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    config = g.GenConfig(out=str(out), scenes=3, val_scenes=1, views=6, random_views=2, res=48, seed=1,
+                         vocab_size=400, qa_per_task=2)
+    g.generate(config)
+    return out
+
+
+def copy_of(dataset_dir, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(dataset_dir, target)
+    return target
+
+
+# -----------------------------------------------------------------------------
+# QA records
+
+
+def write_lines(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def good_record(**changes):
+    record = {"id": "q0", "scene": "scene00000", "task": "depth_prediction_oc", "level": "low", "format_type": "fill",
+              "img_type": "single_view", "image": [0], "question": "How deep?", "answer": "2.30"}
+    record.update(changes)
+    return {k: v for k, v in record.items() if v is not None}
+
+
+@pytest.mark.parametrize("row, field", [
+    ('{"id": "q0", "scene": ', "not valid JSON"),
+    (good_record(answer=None), "field 'answer'"),
+    (good_record(question=3), "field 'question'"),
+    (good_record(format_type="essay"), "field 'format_type'"),
+    (good_record(image="0"), "field 'image'"),
+    (good_record(format_type="select"), "field 'options'"),
+    (good_record(format_type="select", options=["A. x", "B. y"], answer="C"), "field 'answer'"),
+    (good_record(markers=[{"image": 3, "point": [1, 2]}]), "field 'markers'"),
+    ("[1, 2]", "JSON object"),
+])
+def test_malformed_qa_line_names_file_line_and_field(tmp_path, row, field):
+    path = write_lines(tmp_path / "qa.jsonl", [good_record(id="first"), row])
+    with pytest.raises(ValueError) as error:
+        data.load_qa_jsonl(path)
+    assert str(error.value).startswith(f"{path}:2:") and field in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_duplicate_ids_and_missing_file(tmp_path):
+    path = write_lines(tmp_path / "qa.jsonl", [good_record(), "", good_record()])
+    with pytest.raises(ValueError, match=r"qa.jsonl:3: field 'id'"):
+        data.load_qa_jsonl(path)
+    with pytest.raises(ValueError, match="nope.jsonl: file not found"):
+        data.load_qa_jsonl(str(tmp_path / "nope.jsonl"))
+
+
+def test_generated_records_pass_validation(dataset_dir):
+    records = data.load_qa_jsonl(str(dataset_dir / "qa_train.jsonl"))
+    assert len(records) > 50 and {r["scene"] for r in records} == set(data.scene_ids(dataset_dir, "train"))
+
+
+# -----------------------------------------------------------------------------
+# scenes
+
+
+def rewrite_scene(directory, **changes):
+    """Rewrite scene00000's tensors with some replaced (None removes one)."""
+    path = str(directory / "scenes" / "scene00000.safetensors")
+    arrays = dict(g.read_safetensors(path))
+    for key, value in changes.items():
+        if value is None:
+            del arrays[key]
+        else:
+            arrays[key] = value
+    g.write_atomic(path, g.safetensors_bytes(arrays))
+    return path
+
+
+def test_scene_errors_name_the_file_and_the_tensor(dataset_dir, tmp_path):
+    copy = copy_of(dataset_dir, tmp_path)
+    scene = data.load_scene(str(copy / "scenes" / "scene00000"))
+    pose = scene["pose"].copy()
+    pose[2, 0, 3] = np.nan
+    path = rewrite_scene(copy, pose=pose)
+    with pytest.raises(ValueError, match=f"{path}: tensor 'pose' holds non-finite"):
+        data.load_scene(path)
+    path = rewrite_scene(copy, pose=scene["pose"], depth=np.zeros((2, 48, 48), np.float16))
+    with pytest.raises(ValueError, match=r"tensor 'depth' has shape \(2, 48, 48\), expected \(6, 48, 48\)"):
+        data.load_scene(path)
+    path = rewrite_scene(copy, depth=None)
+    with pytest.raises(ValueError, match="tensor 'depth' is missing"):
+        data.load_scene(path)
+    path = rewrite_scene(copy, depth=scene["depth"].astype(np.float16), K=np.zeros((6, 3, 3), np.float64).astype(np.float16))
+    with pytest.raises(ValueError, match="tensor 'K' must be float32"):
+        data.load_scene(path)
+    (copy / "scenes" / "scene00000.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="scene00000.safetensors: unreadable"):
+        data.load_scene(str(copy / "scenes" / "scene00000"))
+    os.remove(copy / "scenes" / "scene00001.safetensors")
+    with pytest.raises(ValueError, match="scene00001.safetensors: scene file not found"):
+        data.load_scene(str(copy / "scenes" / "scene00001"))
+    meta = json.load(open(copy / "scenes" / "scene00002.json"))
+    meta["video_frames"] = 99
+    json.dump(meta, open(copy / "scenes" / "scene00002.json", "w"))
+    with pytest.raises(ValueError, match=r"scene00002.json: field 'video_frames'"):
+        data.load_scene(str(copy / "scenes" / "scene00002"))
+
+
+def test_missing_scene_is_reported_with_the_qa_record(dataset_dir, tmp_path):
+    copy = copy_of(dataset_dir, tmp_path)
+    os.remove(copy / "scenes" / "scene00000.safetensors")
+    dataset = data.QADataset(str(copy), "train")
+    index = next(i for i, r in enumerate(dataset.records) if r["scene"] == "scene00000")
+    with pytest.raises(ValueError, match=r"qa_train.jsonl: record .* \(field 'scene' / 'image'\): .*scene file not found"):
+        dataset[index]
+
+
+def test_semantic_map_by_hand():
+    objects = [{"category": "bed"}, {"category": "unknown thing"}, {"category": "chair"}]
+    instance = np.array([[-1, -2, -3, -4], [0, 1, 2, 0]], dtype=np.int16)
+    expected = [[0, 1, 2, -1], [3 + g.CATEGORY_NAMES.index("bed"), -1, 3 + g.CATEGORY_NAMES.index("chair"),
+                                3 + g.CATEGORY_NAMES.index("bed")]]
+    assert data.semantic_map(instance, objects).tolist() == expected
+    assert data.SEMANTIC_CLASSES[0] == "floor" and len(data.SEMANTIC_CLASSES) == 27
+
+
+# -----------------------------------------------------------------------------
+# datasets
+
+
+def test_scene_views_dataset_shapes_and_determinism(dataset_dir):
+    dataset = data.SceneViewsDataset(str(dataset_dir), "train", num_views=4, seed=3)
+    assert len(dataset) == 3
+    item = dataset[1]
+    assert item["images"].shape == (4, 3, 48, 48) and item["images"].dtype == torch.float32
+    assert 0 <= item["images"].min() and item["images"].max() <= 1
+    assert item["depth"].shape == (4, 48, 48) and item["semantic"].shape == (4, 48, 48)
+    assert item["K"].shape == (4, 3, 3) and item["pose"].shape == (4, 4, 4)
+    assert len(set(item["views"].tolist())) == 4
+    scene = data.load_scene(str(dataset_dir / "scenes" / item["scene"]))
+    v = int(item["views"][2])  # the tensors are that view's, unaltered
+    assert torch.equal(item["images"][2], torch.from_numpy(scene["rgb"][v]).permute(2, 0, 1).float() / 255)
+    assert torch.equal(item["pose"][2], torch.from_numpy(scene["pose"][v]))
+    again = data.SceneViewsDataset(str(dataset_dir), "train", num_views=4, seed=3)[1]
+    assert torch.equal(again["views"], item["views"])
+    dataset.set_epoch(1)
+    assert not all(torch.equal(dataset[i]["views"], again_i["views"]) for i, again_i in
+                   enumerate(data.SceneViewsDataset(str(dataset_dir), "train", num_views=4, seed=3)))
+    batch = data.collate_views([dataset[0], dataset[1]])
+    assert batch["images"].shape == (2, 4, 3, 48, 48) and batch["semantic"].dtype == torch.int64
+
+
+def test_resizing_scales_the_intrinsics(dataset_dir):
+    full = data.SceneViewsDataset(str(dataset_dir), "val", num_views=2, seed=0)[0]
+    half = data.SceneViewsDataset(str(dataset_dir), "val", num_views=2, seed=0, res=24)[0]
+    assert half["images"].shape == (2, 3, 24, 24)
+    assert torch.allclose(half["K"][:, :2], full["K"][:, :2] / 2)
+    # area resizing = mean of 2x2 blocks
+    assert torch.allclose(half["images"][0], torch.nn.functional.avg_pool2d(full["images"][0], 2), atol=1e-6)
+
+
+def test_qa_dataset_draws_markers_on_the_marked_images(dataset_dir):
+    dataset = data.QADataset(str(dataset_dir), "train")
+    plain = data.QADataset(str(dataset_dir), "train", markers=False)
+    index = next(i for i, r in enumerate(dataset.records) if r.get("markers") and r["img_type"] == "multi_view")
+    item, bare = dataset[index], plain[index]
+    assert item["images"].shape[0] == len(item["record"]["image"])
+    assert item["answer"] == item["record"]["answer"] and item["question"] == item["record"]["question"]
+    for slot in range(item["images"].shape[0]):
+        marked = any(m["image"] == slot for m in item["record"]["markers"])
+        assert marked == (not torch.equal(item["images"][slot], bare["images"][slot]))
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def test_tokenizer_round_trip_special_tokens_and_determinism(dataset_dir, tmp_path):
+    tokenizer = data.load_tokenizer(str(dataset_dir / "tokenizer.json"))
+    for token_id, token in enumerate(data.SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == token_id
+    text = "<|user|><image>How far is the chair at the red point (412, 530)?<|end|><|assistant|>2.35<|end|>"
+    ids = tokenizer.encode(text).ids
+    assert ids.count(tokenizer.token_to_id("<image>")) == 1 and ids.count(4) == 2
+    assert tokenizer.decode(ids, skip_special_tokens=False) == text
+    texts = [r["question"] for r in data.load_qa_jsonl(str(dataset_dir / "qa_train.jsonl"))]
+    data.train_tokenizer(texts, str(tmp_path / "a.json"), 400)
+    data.train_tokenizer(texts, str(tmp_path / "b.json"), 400)
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_tokenizer_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="missing.json: tokenizer file not found"):
+        data.load_tokenizer(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: unreadable tokenizer"):
+        data.load_tokenizer(str(tmp_path / "bad.json"))
+    from tokenizers import Tokenizer, models
+
+    plain = Tokenizer(models.BPE())
+    plain.add_special_tokens(["<|pad|>"])
+    plain.save(str(tmp_path / "plain.json"))
+    with pytest.raises(ValueError, match=r"plain.json: special token '<\|system\|>'"):
+        data.load_tokenizer(str(tmp_path / "plain.json"))
