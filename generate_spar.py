@@ -1315,14 +1315,14 @@ def make_questions(views, rng, per_task=3, numeric_select=0.25, tasks=None):
     scene_id = views.scene["id"]
     for task in tasks or TASKS:
         wanted = 1 if task == "room_size_estimation" else per_task
-        questions = set()
+        questions = set()  # (text, images): the same words about other images is another question
         for _ in range(30 * wanted):
             if len(questions) == wanted:
                 break
             out = ASK[task](asker)
-            if out is None or out["question"] in questions:
+            if out is None or (out["question"], tuple(out["image"])) in questions:
                 continue
-            questions.add(out["question"])
+            questions.add((out["question"], tuple(out["image"])))
             level, img_type = TASKS[task]
             records.append({"id": f"{scene_id}-{task}-{len(questions) - 1}", "scene": scene_id, "task": task,
                             "level": level, "img_type": img_type, **out})
