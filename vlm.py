@@ -1,0 +1,737 @@
+"""vlm.py: Spa3-VLM, the small vision-language model that answers spatial questions (training stage `vlm`).
+
+How it connects: data.py gives question records with their images, and the tokenizer; model.py's per-image ViT
+turns each image into patch tokens, pixel-shuffled and projected to the LM width ("visual tokens"); psfm.py's
+Spa3R encoder (PSFM.encode) turns all of a record's images into the spatial latent; the adapter lets every
+visual token read that latent (the paper's spatial branch; `spa3r="none"` removes it for the ablation); the
+visual tokens replace the `<image>` slots of a fixed chat prompt, and a Llama-style decoder writes the answer.
+train.py optimises SpaVLM.forward(batch); eval.py calls load_for_eval(ckpt_dir).answer(records, images).
+
+Reading order:
+  LMConfig, rotary positions, KVCache, LMAttention (grouped-query), SwiGLU, LM (+ generate)
+  pixel_shuffle, VisionProjector      image patch tokens -> visual tokens in the LM width
+  CrossAttention, Spa3RAdapter        the spatial branch, as the paper builds it
+  the chat template, collate, prompt_batch
+  VLMConfig, SpaVLM                   forward (loss), generate, answer, param_groups, init_from_psfm
+  save, load_for_eval, load_llama     checkpoints, safetensors only
+  lm_flops_per_token, flops_per_sample   for MFU
+
+Entry points used by the other files:
+  VLMConfig.tiny() / VLMConfig.reference(); VLMConfig.from_dict(d)
+  SpaVLM(config, tokenizer)           tokenizer: a tokenizers.Tokenizer holding the contract's special tokens
+  collate(items, tokenizer, config)   data.QADataset items -> training batch:
+      input_ids (B, T) long, right-padded with <|pad|>; targets (B, T) long, the token each position must
+      predict, IGNORE (-100) except on the answer; images (I, 3, H, W) float in [0, 1], every record's images
+      in order (I = sum of num_images); num_images (B,) long; ids [str]
+  SpaVLM.forward(batch) -> (loss, {"ce": detached})    mean cross-entropy over the batch's answer tokens
+  SpaVLM.param_groups({"lm": lr, "vision": lr, "projector": lr, "adapter": lr[, "spa3r": lr]}, weight_decay)
+  SpaVLM.init_from_psfm(psfm_state)   vision ViT <- the frozen backbone's ViT; Spa3R <- the whole PSFM
+  prompt_batch(questions, images, tokenizer, config) -> left-padded batch with valid (B, T) bool
+  SpaVLM.generate(batch, max_new_tokens, temperature, generator, use_cache) -> [[token id]]
+  SpaVLM.answer(records, images) -> [str]   greedy, KV cache, batched (eval.py's contract)
+  save(model, ckpt_dir) / load_for_eval(ckpt_dir); load_llama(model_dir) -> (LM, tokenizer)
+  lm_flops_per_token(lm_config, context), flops_per_sample(config, num_images, text_tokens, training=False)
+
+Batching records with 1..32 images: the ViT sees every image of the batch in one call (images are
+independent there); PSFM.encode runs once per group of records with the same image count (its global
+attention needs equal view counts); the adapter gathers each image's record latent by index. No padding
+of images anywhere, so nothing has to be masked out of the visual path.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from tokenizers import Tokenizer
+
+from data import load_tokenizer
+from generate_spar import write_atomic
+from model import MLP, GeoBackbone, GeoConfig, ViT, block_flops, init_weights
+from model import flops_per_sample as geo_flops_per_sample
+from psfm import PSFM, Spa3RConfig
+
+IGNORE = -100  # target of positions the loss skips (F.cross_entropy's default ignore_index)
+SPECIAL_TOKENS = ("<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<image>", "<spatial>")
+
+
+# ----------------------------------------------------------------------------- the decoder LM
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 2048    # at least the tokenizer's size (data.train_tokenizer's default is 2048)
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2       # grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads
+    hidden_dim: int = 176     # SwiGLU width, ~8/3 * dim
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # the output head is the token embedding (False only for loaded checkpoints)
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"vlm.py: LMConfig.dim {self.dim} must split into n_heads {self.n_heads} heads of even width")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"vlm.py: LMConfig.n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    @classmethod
+    def tiny(cls):
+        return cls()
+
+    @classmethod
+    def reference(cls):
+        # SmolLM-135M's shape: ~106M parameters in the blocks + 1.2M in the 2048-token embedding (tied);
+        # max_seq_len fits 32 frames x 64 visual tokens plus the text
+        return cls(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, max_seq_len=4096)
+
+
+def rotary(positions, head_dim, theta):
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim). Llama's layout: channels j and j + head_dim / 2 turn
+    together, at frequency theta^(-2j / head_dim). Computed in fp32 every call, so no table to keep or cast."""
+    freqs = theta ** (-torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions[..., None].float() * freqs  # (B, T, head_dim / 2)
+    angles = torch.cat([angles, angles], -1)[:, None]  # (B, 1, T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    a, b = x.chunk(2, -1)
+    return (x * cos + torch.cat([-b, a], -1) * sin).to(x.dtype)
+
+
+def padded_causal_mask(valid, start):
+    """valid (B, S) bool over all key slots -> (B, 1, S - start, S) bool, True = may attend, for queries at slots
+    start..S-1: earlier or same slot, and not padding. A padding query still sees itself, so no softmax row is
+    empty (that would give NaN); what padding queries compute is never read."""
+    S = valid.shape[1]
+    q = torch.arange(start, S, device=valid.device)[:, None]
+    k = torch.arange(S, device=valid.device)[None]
+    return (((k <= q) & valid[:, None]) | (k == q))[:, None]
+
+
+class KVCache:
+    """Every layer's keys and values, (B, n_kv_heads, max_len, head_dim), filled left to right; also which
+    slots hold real tokens and how many real tokens each row has seen (the next token's position)."""
+
+    def __init__(self, num_layers, max_len):
+        self.k, self.v = [None] * num_layers, [None] * num_layers
+        self.max_len, self.length = max_len, 0
+        self.valid = self.seen = None
+
+    def add_tokens(self, valid):
+        """Reserve slots for T new tokens, valid (B, T) -> their positions (B, T) and attention mask."""
+        B, T = valid.shape
+        if self.valid is None:
+            self.valid = valid.new_zeros(B, self.max_len)
+            self.seen = torch.zeros(B, dtype=torch.long, device=valid.device)
+        if self.length + T > self.max_len:
+            raise ValueError(f"vlm.py: KVCache holds {self.max_len} positions, {self.length + T} asked for")
+        self.start, self.length = self.length, self.length + T
+        self.valid[:, self.start:self.length] = valid
+        positions = (self.seen[:, None] + valid.cumsum(1) - 1).clamp_min(0)
+        self.seen = self.seen + valid.sum(1)
+        return positions, padded_causal_mask(self.valid[:, :self.length], self.start)
+
+    def update(self, layer, k, v):
+        """Store the new keys / values k, v (B, h, T, hd) of one layer -> all of that layer's so far."""
+        if self.k[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        self.k[layer][:, :, self.start:self.length] = k
+        self.v[layer][:, :, self.start:self.length] = v
+        return self.k[layer][:, :, :self.length], self.v[layer][:, :, :self.length]
+
+
+class LMAttention(nn.Module):
+    def __init__(self, c, layer):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads = layer, c.n_heads, c.n_kv_heads
+        head_dim = c.dim // c.n_heads
+        self.q_proj = nn.Linear(c.dim, c.n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * head_dim, c.dim, bias=False)
+
+    def forward(self, x, rope, mask=None, cache=None):
+        """x (B, T, D); mask (B, 1, T, S) or None for plain causal attention over x alone."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, h, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, -1).transpose(1, 2)  # (B, h_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, -1).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, h_kv, S, hd)
+        group = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (B, h, S, hd)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, h, T, hd)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LMBlock(nn.Module):
+    def __init__(self, c, layer):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        self.self_attn = LMAttention(c, layer)
+        self.post_attention_layernorm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        self.mlp = SwiGLU(c.dim, c.hidden_dim)
+
+    def forward(self, x, rope, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LM(nn.Module):
+    """A Llama-style decoder. Module names follow the Hugging Face Llama layout (without its "model." prefix),
+    so a pretrained checkpoint loads by name (load_llama). It takes embeddings, not ids: the VLM splices
+    visual tokens into them first."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(LMBlock(c, i) for i in range(c.n_layers))
+        self.norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """The LM's one place for initial weights: N(0, 0.02) for the embedding and every matrix, with the two
+        matrices that write into the residual stream (o_proj, down_proj) scaled by 1 / sqrt(2 * n_layers) as in
+        GPT-2, so the stream's variance does not grow with depth; RMSNorm gains stay at 1."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+            nn.init.normal_(p, 0.0, std * scale)
+
+    def forward(self, x, valid=None, cache=None):
+        """x (B, T, D) embeddings -> logits (B, T, vocab).
+        valid (B, T) bool, False = left padding: positions then count real tokens only, and padding is masked.
+        valid None: every token is real (training batches are right-padded, which causal attention never lets
+        reach an earlier position), so attention runs with is_causal and no mask. cache: a KVCache, extended."""
+        B, T, _ = x.shape
+        c = self.config
+        if cache is not None:
+            positions, mask = cache.add_tokens(valid if valid is not None else x.new_ones(B, T, dtype=torch.bool))
+        elif valid is not None:
+            positions, mask = (valid.cumsum(1) - 1).clamp_min(0), padded_causal_mask(valid, 0)
+        else:
+            positions, mask = torch.arange(T, device=x.device).expand(B, T), None
+        length = cache.length if cache is not None else T  # >= every position, so no look at the values (a sync)
+        if length > c.max_seq_len:
+            raise ValueError(f"vlm.py: a sequence of {length} tokens exceeds LMConfig.max_seq_len {c.max_seq_len}")
+        rope = rotary(positions, c.dim // c.n_heads, c.rope_theta)
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache)
+        x = self.norm(x)
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
+
+    @torch.no_grad()
+    def generate(self, x, valid, max_new_tokens, stop_id, temperature=0.0, generator=None, use_cache=True):
+        """Continue left-padded prompts x (B, T, D) with valid (B, T) -> per row the new token ids, up to and
+        without the first stop_id, at most max_new_tokens. temperature 0 = greedy, else sampling from
+        softmax(logits / temperature) with generator. use_cache=False recomputes the whole sequence each step
+        (the reference the KV cache must agree with)."""
+        B = len(x)
+        cache = KVCache(len(self.layers), x.shape[1] + max_new_tokens) if use_cache else None
+        logits = self(x, valid, cache)[:, -1]  # (B, vocab)
+        tokens, done = [], torch.zeros(B, dtype=torch.bool, device=x.device)
+        for step in range(max_new_tokens):
+            token = pick_token(logits, temperature, generator)  # (B,)
+            tokens.append(token)
+            done |= token == stop_id
+            if done.all() or step == max_new_tokens - 1:
+                break
+            new, new_valid = self.embed_tokens(token[:, None]), valid.new_ones(B, 1)  # (B, 1, D), (B, 1)
+            if use_cache:
+                logits = self(new, new_valid, cache)[:, -1]
+            else:
+                x, valid = torch.cat([x, new], 1), torch.cat([valid, new_valid], 1)
+                logits = self(x, valid)[:, -1]
+        rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(B)]
+        return [row[:row.index(stop_id)] if stop_id in row else row for row in rows]
+
+
+def pick_token(logits, temperature, generator=None):
+    """(B, vocab) -> (B,): argmax, or a draw from softmax(logits / temperature)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits.float() / temperature, -1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- visual tokens
+
+def pixel_shuffle(x, grid_hw, s):
+    """(B, h * w, D) patch tokens, row-major -> (B, (h / s) * (w / s), s * s * D): each s x s block of
+    neighbouring patches becomes one token (channels in block row-major order), s^2 fewer tokens."""
+    B, N, D = x.shape
+    h, w = grid_hw
+    x = x.view(B, h // s, s, w // s, s, D).permute(0, 1, 3, 2, 4, 5)  # (B, h/s, w/s, s, s, D)
+    return x.reshape(B, (h // s) * (w // s), s * s * D)
+
+
+class VisionProjector(nn.Module):
+    """ViT patch tokens of one image -> visual tokens in the LM width: LayerNorm, s x s pixel shuffle,
+    Linear-GELU-Linear (the patch merger of Qwen2-VL, the paper's base VLM)."""
+
+    def __init__(self, vision_dim, shuffle, lm_dim):
+        super().__init__()
+        self.shuffle = shuffle
+        self.norm = nn.LayerNorm(vision_dim)
+        self.mlp = MLP(vision_dim * shuffle ** 2, lm_dim, lm_dim)
+
+    def forward(self, patches, grid_hw):
+        """patches (I, h * w, Dv) -> (I, h * w / s^2, D)."""
+        return self.mlp(pixel_shuffle(self.norm(patches), grid_hw, self.shuffle))
+
+
+# ----------------------------------------------------------------------------- the Spa3R adapter
+
+class CrossAttention(nn.Module):
+    """Queries from x attend to a context; QK-norm (LayerNorm over each head's channels) as the paper's adapter."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.LayerNorm(dim // num_heads)
+        self.k_norm = nn.LayerNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context, index):
+        """x (I, n, D) queries; context (B, L, D); index (I,) which context row each query row reads."""
+        I, n, D = x.shape
+        q = self.q(x).view(I, n, self.num_heads, -1).transpose(1, 2)  # (I, h, n, hd)
+        k, v = self.kv(context).view(len(context), -1, 2, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        k, v = k[index], v[index]  # (I, h, L, hd): projected once per record, read by each of its images
+        o = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k).to(q.dtype), v.to(q.dtype))  # (I, h, n, hd)
+        return self.proj(o.transpose(1, 2).reshape(I, n, D))
+
+
+class Spa3RAdapter(nn.Module):
+    """The paper's spatial branch (hustvl/Spa3R, spa3_vlm/model/spa3_vlm.py): latent -> projector
+    (Linear-GELU-Linear to the LM width); each visual token cross-attends to it; LayerNorm; bottleneck MLP
+    (width / 4) times a sigmoid gate; added back to the visual token. The bottleneck's last Linear starts at
+    zero, so at initialisation the adapter is the identity and Spa3-VLM is exactly the plain VLM."""
+
+    def __init__(self, latent_dim, dim, num_heads):
+        super().__init__()
+        self.latent_proj = MLP(latent_dim, dim, dim)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm = nn.LayerNorm(dim)
+        self.bottleneck = MLP(dim, dim // 4)
+        self.gate = nn.Linear(dim, dim)
+        self.apply(init_weights)
+        nn.init.zeros_(self.bottleneck.fc2.weight)
+        nn.init.zeros_(self.bottleneck.fc2.bias)
+
+    def forward(self, x, latent, num_images):
+        """x (I, n, D) visual tokens of I images; latent (B, L, Ds) one per record; num_images (B,) -> (I, n, D)."""
+        index = torch.arange(len(latent), device=x.device).repeat_interleave(num_images)  # (I,) record of each image
+        y = self.norm(self.cross_attn(x, self.latent_proj(latent), index))
+        return x + self.bottleneck(y) * torch.sigmoid(self.gate(y))
+
+
+# ----------------------------------------------------------------------------- chat template and batches
+
+SYSTEM_PROMPT = "You answer questions about the 3D scene in the images."
+
+
+def special_ids(tokenizer):
+    """{special token: id}, looked up by name; a tokenizer without one of them is refused."""
+    ids = {name: tokenizer.token_to_id(name) for name in SPECIAL_TOKENS}
+    missing = [name for name, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"vlm.py: tokenizer lacks the special token(s) {missing}")
+    return ids
+
+
+def encode_text(tokenizer, text, what):
+    """Plain text -> ids; text that would turn into a special token (a stray "<image>") is refused."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    found = set(ids) & set(special_ids(tokenizer).values())
+    if found:
+        raise ValueError(f"vlm.py: {what} contains special token(s) {[tokenizer.id_to_token(i) for i in found]}")
+    return ids
+
+
+def chat_tokens(tokenizer, question, num_images, tokens_per_image, answer=None, what="question"):
+    """The fixed template as ids, and which ids the loss is on (the answer and its closing <|end|>):
+        <|system|> SYSTEM_PROMPT <|end|> <|user|> <image> x num_images question <|end|> <|assistant|> answer <|end|>
+    Each image's <image> is written as tokens_per_image slots, one per visual token, so splicing is a
+    one-for-one replacement. Without an answer the ids stop after <|assistant|>, where generation starts."""
+    s = special_ids(tokenizer)
+    ids = [s["<|system|>"], *encode_text(tokenizer, SYSTEM_PROMPT, "SYSTEM_PROMPT"), s["<|end|>"], s["<|user|>"]]
+    ids += [s["<image>"]] * (num_images * tokens_per_image)
+    ids += [*encode_text(tokenizer, question, f"{what} field 'question'"), s["<|end|>"], s["<|assistant|>"]]
+    on_answer = [False] * len(ids)
+    if answer is not None:
+        reply = [*encode_text(tokenizer, answer, f"{what} field 'answer'"), s["<|end|>"]]
+        ids, on_answer = ids + reply, on_answer + [True] * len(reply)
+    return ids, on_answer
+
+
+def next_token_targets(ids, on_answer):
+    """targets[t] = ids[t + 1] where that token is on the answer, IGNORE elsewhere (the last position predicts nothing)."""
+    return [ids[t + 1] if on_answer[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+
+
+def tokens_per_image(config, H, W):
+    """Visual tokens of one H x W image: (H / patch / shuffle) * (W / patch / shuffle)."""
+    m = config.geo.patch_size * config.pixel_shuffle
+    if H % m or W % m:
+        raise ValueError(f"vlm.py: images of {H}x{W} pixels: H and W must be multiples of patch_size x pixel_shuffle = {m}")
+    return (H // m) * (W // m)
+
+
+def stack_images(images, config, names):
+    """List of (N_i, 3, H, W), N_i >= 1, one size for all -> (I, 3, H, W), num_images (B,), tokens per image."""
+    for x, name in zip(images, names):
+        if x.dim() != 4 or x.shape[1] != 3 or len(x) == 0 or x.shape[-2:] != images[0].shape[-2:]:
+            raise ValueError(f"vlm.py: record {name!r} field 'images' must be (N >= 1, 3, H, W) with the batch's H, W "
+                             f"{tuple(images[0].shape[-2:])}, got {tuple(x.shape)}")
+    n = tokens_per_image(config, *images[0].shape[-2:])
+    return torch.cat(images).float(), torch.tensor([len(x) for x in images]), n
+
+
+def check_length(length, config, name):
+    if length > config.lm.max_seq_len:
+        raise ValueError(f"vlm.py: record {name!r} needs {length} tokens, more than LMConfig.max_seq_len {config.lm.max_seq_len}")
+
+
+def collate(items, tokenizer, config):
+    """data.QADataset items -> a training batch, right-padded (see the file's docstring). Use as
+    DataLoader(collate_fn=functools.partial(collate, tokenizer=tokenizer, config=config))."""
+    names = [item["id"] for item in items]
+    images, num_images, n = stack_images([item["images"] for item in items], config, names)
+    rows = [chat_tokens(tokenizer, item["question"], len(item["images"]), n, item["answer"], f"record {item['id']!r}")
+            for item in items]
+    T = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), T), special_ids(tokenizer)["<|pad|>"])
+    targets = torch.full((len(rows), T), IGNORE)
+    for i, (ids, on_answer) in enumerate(rows):
+        check_length(len(ids), config, names[i])
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        targets[i, :len(ids)] = torch.tensor(next_token_targets(ids, on_answer))
+    return {"input_ids": input_ids, "targets": targets, "images": images, "num_images": num_images, "ids": names}
+
+
+def prompt_batch(questions, images, tokenizer, config, names=None):
+    """Prompts to generate from, left-padded so every row's next token goes in the same column:
+    input_ids (B, T), valid (B, T) bool (False = padding), images (I, 3, H, W), num_images (B,)."""
+    names = names or [f"#{i}" for i in range(len(questions))]
+    images, num_images, n = stack_images(list(images), config, names)
+    rows = [chat_tokens(tokenizer, q, int(k), n, what=f"record {name!r}")[0]
+            for q, k, name in zip(questions, num_images, names)]
+    T = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), T), special_ids(tokenizer)["<|pad|>"])
+    valid = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, ids in enumerate(rows):
+        check_length(len(ids), config, names[i])
+        input_ids[i, T - len(ids):] = torch.tensor(ids)
+        valid[i, T - len(ids):] = True
+    return {"input_ids": input_ids, "valid": valid, "images": images, "num_images": num_images, "ids": names}
+
+
+# ----------------------------------------------------------------------------- the VLM
+
+@dataclass
+class VLMConfig:
+    lm: LMConfig = field(default_factory=LMConfig)
+    geo: GeoConfig = field(default_factory=GeoConfig)       # the vision ViT's and Spa3R's backbone (one checkpoint)
+    psfm: Spa3RConfig = field(default_factory=Spa3RConfig)  # the Spa3R encoder whose latent the adapter reads
+    spa3r: str = "psfm"         # "psfm": Spa3-VLM; "none": the baseline VLM (no Spa3R, no adapter, all else equal)
+    freeze_spa3r: bool = True   # as the paper; False trains the Spa3R encoder too (its backbone stays frozen)
+    freeze_vision: bool = False
+    pixel_shuffle: int = 2      # s: visual tokens per image = (H / patch / s) * (W / patch / s)
+    max_new_tokens: int = 32    # answer length cap for answer()
+
+    def __post_init__(self):
+        if self.spa3r not in ("psfm", "none"):
+            raise ValueError(f"vlm.py: VLMConfig.spa3r must be 'psfm' or 'none', got {self.spa3r!r}")
+        if self.pixel_shuffle < 1:
+            raise ValueError(f"vlm.py: VLMConfig.pixel_shuffle must be >= 1, got {self.pixel_shuffle}")
+
+    @classmethod
+    def tiny(cls, **overrides):
+        return cls(**overrides)
+
+    @classmethod
+    def reference(cls, **overrides):
+        # 224 / 14 = 16 x 16 patches, shuffled 2 x 2 -> 64 visual tokens an image: 2048 for a 32-frame video
+        return cls(lm=LMConfig.reference(), geo=GeoConfig.reference(), psfm=Spa3RConfig.reference(), **overrides)
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        """Inverse of dataclasses.asdict; an unknown field is refused by name."""
+        sections = {"lm": LMConfig, "geo": GeoConfig, "psfm": Spa3RConfig}
+        known = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in d.items():
+            if key not in known:
+                raise ValueError(f"{source}: unknown field '{key}'")
+            if key in sections:
+                extra = set(value) - {f.name for f in fields(sections[key])}
+                if extra:
+                    raise ValueError(f"{source}: unknown field '{key}.{sorted(extra)[0]}'")
+                value = sections[key](**value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
+class SpaVLM(nn.Module):
+    def __init__(self, config, tokenizer):
+        super().__init__()
+        c = config
+        self.config, self.tokenizer = c, tokenizer
+        self.special = special_ids(tokenizer)
+        if tokenizer.get_vocab_size() > c.lm.vocab_size:
+            raise ValueError(f"vlm.py: tokenizer has {tokenizer.get_vocab_size()} tokens, LMConfig.vocab_size is {c.lm.vocab_size}")
+        self.lm = LM(c.lm)
+        self.vision = ViT(c.geo).requires_grad_(not c.freeze_vision)
+        self.vision.apply(init_weights)
+        self.projector = VisionProjector(c.geo.dim, c.pixel_shuffle, c.lm.dim)
+        # the spatial branch is built last: with the same seed, everything both variants share starts identical
+        self.spa3r = self.adapter = None
+        if c.spa3r == "psfm":
+            self.spa3r = PSFM(c.psfm, GeoBackbone(c.geo)).requires_grad_(False)
+            self.spa3r.encoder.requires_grad_(not c.freeze_spa3r)  # the decoder and heads are never used here
+            self.adapter = Spa3RAdapter(c.psfm.dim, c.lm.dim, c.lm.n_heads)
+
+    def init_from_psfm(self, state):
+        """Start from a stage-`psfm` checkpoint (a PSFM state dict): the vision ViT copies the geometry backbone's
+        per-image ViT (in both variants, so the ablation differs only in the spatial branch), and the Spa3R
+        branch loads the whole PSFM."""
+        prefix = "backbone.vit."
+        vit = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not vit:
+            raise ValueError(f"vlm.py: init_from_psfm: the state has no '{prefix}*' weights")
+        self.vision.load_state_dict(vit)
+        if self.spa3r is not None:
+            self.spa3r.load_state_dict(state)
+
+    def spatial_latent(self, images, num_images):
+        """(B, L, Ds): PSFM.encode of each record's images. Records with the same image count share one call."""
+        per_record = images.split(num_images.tolist())
+        latent = [None] * len(per_record)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_spa3r):
+            for n in sorted(set(num_images.tolist())):
+                group = [i for i, x in enumerate(per_record) if len(x) == n]
+                out = self.spa3r.encode(torch.stack([per_record[i] for i in group]))  # (b, L, Ds)
+                for i, z in zip(group, out):
+                    latent[i] = z
+        return torch.stack(latent)
+
+    def visual_tokens(self, images, num_images):
+        """images (I, 3, H, W) of B records, num_images (B,) -> (I, n, D) visual tokens in the LM width."""
+        g = self.config.geo
+        patches = self.vision(images)[:, g.num_registers:]  # (I, N, Dv)
+        x = self.projector(patches, (images.shape[-2] // g.patch_size, images.shape[-1] // g.patch_size))  # (I, n, D)
+        if self.adapter is not None:
+            x = self.adapter(x, self.spatial_latent(images, num_images), num_images)
+        return x
+
+    def embed(self, batch):
+        """Token embeddings (B, T, D) with each record's visual tokens in its <image> slots, in order."""
+        ids, num_images = batch["input_ids"], batch["num_images"].to(batch["input_ids"].device)
+        x = self.lm.embed_tokens(ids)  # (B, T, D)
+        vis = self.visual_tokens(batch["images"], num_images)  # (I, n, D)
+        slots = ids == self.special["<image>"]  # (B, T)
+        have, want = slots.sum(1), num_images * vis.shape[1]
+        bad = torch.nonzero(have != want).flatten().tolist()
+        if bad:
+            i = bad[0]
+            raise ValueError(f"vlm.py: batch['input_ids'] row {i} has {int(have[i])} <image> slots, but its "
+                             f"{int(num_images[i])} image(s) give {int(want[i])} visual tokens ({vis.shape[1]} each)")
+        return x.masked_scatter(slots[..., None], vis.to(x.dtype))
+
+    def logits(self, batch):
+        """(B, T, vocab) for a collate batch (right-padded) or a prompt_batch (left-padded, with 'valid')."""
+        return self.lm(self.embed(batch), batch.get("valid"))
+
+    def forward(self, batch):
+        """Mean cross-entropy over the batch's answer tokens (each answer and its closing <|end|>)."""
+        logits = self.logits(batch)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE)
+        return loss, {"ce": loss.detach()}
+
+    @torch.no_grad()
+    def generate(self, batch, max_new_tokens=None, temperature=0.0, generator=None, use_cache=True):
+        """A prompt_batch -> each row's answer token ids (without the closing <|end|>)."""
+        return self.lm.generate(self.embed(batch), batch["valid"], max_new_tokens or self.config.max_new_tokens,
+                                self.special["<|end|>"], temperature, generator, use_cache)
+
+    @torch.no_grad()
+    def answer(self, records, images, max_new_tokens=None):
+        """eval.py's contract: records (dicts with "question"), images[i] (N_i, 3, H, W) in [0, 1] -> answers,
+        decoded greedily with the KV cache, the whole list as one batch."""
+        device = self.lm.embed_tokens.weight.device
+        batch = prompt_batch([r["question"] for r in records], images, self.tokenizer, self.config,
+                             [r.get("id", f"#{i}") for i, r in enumerate(records)])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return [self.tokenizer.decode(ids).strip() for ids in self.generate(batch, max_new_tokens)]
+
+    def param_groups(self, lrs, weight_decay=0.0):
+        """AdamW groups, per module and decay kind: lrs {"lm", "vision", "projector", "adapter", "spa3r"} -> lr,
+        needed for each module that has trainable weights. Matrices decay, gains and biases do not."""
+        groups = []
+        for name in ("lm", "vision", "projector", "adapter", "spa3r"):
+            module = getattr(self, name)
+            params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+            if params and name not in lrs:
+                raise ValueError(f"vlm.py: param_groups needs a learning rate for '{name}'")
+            for suffix, chosen, decay in (("", [p for p in params if p.dim() >= 2], weight_decay),
+                                          ("/no_decay", [p for p in params if p.dim() < 2], 0.0)):
+                if chosen:
+                    groups.append({"name": name + suffix, "params": chosen, "lr": lrs[name], "weight_decay": decay})
+        return groups
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save(model, ckpt_dir):
+    """ckpt_dir/config.json (asdict(VLMConfig)), tokenizer.json, model.safetensors (SpaVLM.state_dict(): lm.*,
+    vision.*, projector.*, and with spa3r="psfm" adapter.* and spa3r.*, the whole PSFM, its frozen backbone
+    under spa3r.backbone.*). The tied output head is the embedding, stored once."""
+    os.makedirs(ckpt_dir, exist_ok=True)  # each file written to a temporary name, then renamed
+    write_atomic(os.path.join(ckpt_dir, "config.json"), json.dumps(asdict(model.config), indent=1).encode())
+    write_atomic(os.path.join(ckpt_dir, "tokenizer.json"), model.tokenizer.to_str().encode())
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    write_atomic(os.path.join(ckpt_dir, "model.safetensors"), safetensors_bytes(state))
+
+
+def read_file_checked(path, read):
+    """read(path), with a one-line error naming the file when it is missing or unreadable."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"vlm.py: {path} is missing")
+    try:
+        return read(path)
+    except Exception as e:  # json, safetensors and tokenizers each raise their own kind
+        raise ValueError(f"vlm.py: cannot read {path}: {e}") from e
+
+
+def load_weights(module, path, rename=lambda k: k, skip=()):
+    """Load a safetensors file into module by name (after rename, leaving out skip); a missing or extra name is refused."""
+    state = {rename(k): v for k, v in read_file_checked(path, load_file).items() if k not in skip}
+    own = module.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(f"vlm.py: {path}: missing tensor(s) {missing[:3]}, unexpected tensor(s) {extra[:3]}")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"vlm.py: {path}: tensor '{k}' is {tuple(v.shape)}, the model wants {tuple(own[k].shape)}")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def best_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def load_for_eval(ckpt_dir, device=None):
+    """The SpaVLM saved by save() in ckpt_dir, in eval mode on device (cuda -> mps -> cpu), ready to answer()."""
+    config = read_file_checked(os.path.join(ckpt_dir, "config.json"), read_json)
+    config = VLMConfig.from_dict(config, os.path.join(ckpt_dir, "config.json"))
+    model = SpaVLM(config, load_tokenizer(os.path.join(ckpt_dir, "tokenizer.json")))
+    load_weights(model, os.path.join(ckpt_dir, "model.safetensors"))
+    return model.to(device or best_device()).eval()
+
+
+def lm_config_from_hf(hf, path):
+    """A Hugging Face LlamaConfig dict -> LMConfig; what this LM does not implement is refused by name."""
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if key not in hf:
+            raise ValueError(f"vlm.py: {path}: field '{key}' is missing")
+    unsupported = {"model_type": hf.get("model_type", "llama") != "llama", "hidden_act": hf.get("hidden_act", "silu") != "silu",
+                   "rope_scaling": bool(hf.get("rope_scaling")), "attention_bias": bool(hf.get("attention_bias")),
+                   "mlp_bias": bool(hf.get("mlp_bias")),
+                   "head_dim": hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+                   != hf["hidden_size"] // hf["num_attention_heads"]}
+    for key, bad in unsupported.items():
+        if bad:
+            raise ValueError(f"vlm.py: {path}: field '{key}' = {hf.get(key)!r} is not supported")
+    return LMConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                    n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+                    hidden_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
+                    rope_theta=hf.get("rope_theta", 10000.0), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                    tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def load_llama(model_dir):
+    """A pretrained Llama-format LM from model_dir: config.json (Hugging Face LlamaConfig), model.safetensors
+    (one file, Hugging Face names: "model.layers.0.self_attn.q_proj.weight", ...), tokenizer.json.
+    Returns (LM in fp32, tokenizers.Tokenizer). A tied checkpoint's stored lm_head copy is dropped."""
+    hf = read_file_checked(os.path.join(model_dir, "config.json"), read_json)
+    lm = LM(lm_config_from_hf(hf, os.path.join(model_dir, "config.json")))
+    skip = {"lm_head.weight"} if lm.config.tie_embeddings else set()  # a tied checkpoint may store the head too
+    load_weights(lm, os.path.join(model_dir, "model.safetensors"), lambda k: k.removeprefix("model."), skip)
+    tokenizer = read_file_checked(os.path.join(model_dir, "tokenizer.json"), Tokenizer.from_file)
+    return lm.float(), tokenizer
+
+
+# ----------------------------------------------------------------------------- size and cost
+
+def lm_flops_per_token(c, context):
+    """Forward FLOPs of one token through the LM attending to `context` keys: 2 per multiply-add of every
+    weight matrix (q, k, v, o, SwiGLU, the output head), plus QK^T and AV, 4 * context * n_heads * head_dim a
+    layer. A T-token sequence costs T * lm_flops_per_token(c, T): attention billed over all T keys, as SDPA's
+    FLOP count and nanoGPT's 6N + 12LHQT do (a causal kernel skips about half). Norms, RoPE, softmax left out."""
+    hd = c.dim // c.n_heads
+    weights = 2 * c.dim * c.n_heads * hd + 2 * c.dim * c.n_kv_heads * hd + 3 * c.dim * c.hidden_dim
+    return c.n_layers * (2 * weights + 4 * context * c.n_heads * hd) + 2 * c.dim * c.vocab_size
+
+
+def flops_per_sample(config, num_images, text_tokens, training=False):
+    """FLOPs for one record of num_images images and text_tokens
+    non-visual tokens, images at config.geo.image_size, counted as model.flops_per_sample counts them. training=False: the forward pass.
+    training=True: what a training step costs, 3x the forward of each trained part (backward ~ 2x forward) and
+    1x that of frozen ones (no backward reaches them): Spa3R's backbone always, its encoder and the vision ViT
+    when frozen. For MFU: samples/s x this / the device's peak FLOP/s."""
+    c, g = config, config.geo
+    n, D = (g.image_size // g.patch_size) ** 2, c.lm.dim
+    n_vis = tokens_per_image(c, g.image_size, g.image_size)
+    T = text_tokens + num_images * n_vis
+    parts = {"lm": T * lm_flops_per_token(c.lm, T)}
+    parts["vision"] = num_images * (n * 2 * 3 * g.patch_size ** 2 * g.dim
+                                    + g.vit_depth * block_flops(g.dim, g.mlp_ratio, g.num_registers + n, g.num_registers + n))
+    parts["projector"] = num_images * n_vis * 2 * (g.dim * c.pixel_shuffle ** 2 * D + D * D)
+    if c.spa3r == "psfm":
+        p = c.psfm
+        S = p.num_queries + p.num_registers + num_images * n
+        parts["spa3r_backbone"] = geo_flops_per_sample(g, num_images)
+        parts["spa3r_encoder"] = 2 * num_images * n * g.dim * p.dim + p.encoder_depth * block_flops(p.dim, p.mlp_ratio, S, S)
+        L = p.num_queries
+        per_record = 2 * L * (p.dim * D + D * D) + 2 * L * D * 2 * D  # latent projector, keys and values
+        per_token = 2 * D * D * 3 + 2 * 2 * D * (D // 4) + 4 * L * D  # q, out, gate; bottleneck; attention
+        parts["adapter"] = per_record + num_images * n_vis * per_token
+    if not training:
+        return sum(parts.values())
+    frozen = {"spa3r_backbone"} | ({"spa3r_encoder"} if c.freeze_spa3r else set()) | ({"vision"} if c.freeze_vision else set())
+    return sum(v if k in frozen else 3 * v for k, v in parts.items())
