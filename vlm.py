@@ -49,14 +49,13 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer
 
-from data import load_tokenizer
+from data import SPECIAL_TOKENS, load_tokenizer
 from generate_spar import write_atomic
 from model import MLP, GeoBackbone, GeoConfig, ViT, block_flops, init_weights
 from model import flops_per_sample as geo_flops_per_sample
 from psfm import PSFM, Spa3RConfig
 
 IGNORE = -100  # target of positions the loss skips (F.cross_entropy's default ignore_index)
-SPECIAL_TOKENS = ("<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<image>", "<spatial>")
 
 
 # ----------------------------------------------------------------------------- the decoder LM
@@ -121,7 +120,7 @@ class KVCache:
 
     def __init__(self, num_layers, max_len):
         self.k, self.v = [None] * num_layers, [None] * num_layers
-        self.max_len, self.length = max_len, 0
+        self.max_len, self.start, self.length = max_len, 0, 0  # the newest tokens fill slots start..length-1
         self.valid = self.seen = None
 
     def add_tokens(self, valid):
@@ -495,9 +494,15 @@ class VLMConfig:
                 extra = set(value) - {f.name for f in fields(sections[key])}
                 if extra:
                     raise ValueError(f"{source}: unknown field '{key}.{sorted(extra)[0]}'")
-                value = sections[key](**value)
+                try:
+                    value = sections[key](**value)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{source}: field '{key}': {e}") from None
             kwargs[key] = value
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
 
 
 class SpaVLM(nn.Module):
@@ -687,13 +692,13 @@ def lm_config_from_hf(hf, path):
 def load_llama(model_dir):
     """A pretrained Llama-format LM from model_dir: config.json (Hugging Face LlamaConfig), model.safetensors
     (one file, Hugging Face names: "model.layers.0.self_attn.q_proj.weight", ...), tokenizer.json.
-    Returns (LM in fp32, tokenizers.Tokenizer). A tied checkpoint's stored lm_head copy is dropped."""
+    Returns (LM, fp32 whatever the file's dtype; tokenizers.Tokenizer). A tied checkpoint's stored lm_head copy is dropped."""
     hf = read_file_checked(os.path.join(model_dir, "config.json"), read_json)
     lm = LM(lm_config_from_hf(hf, os.path.join(model_dir, "config.json")))
     skip = {"lm_head.weight"} if lm.config.tie_embeddings else set()  # a tied checkpoint may store the head too
     load_weights(lm, os.path.join(model_dir, "model.safetensors"), lambda k: k.removeprefix("model."), skip)
     tokenizer = read_file_checked(os.path.join(model_dir, "tokenizer.json"), Tokenizer.from_file)
-    return lm.float(), tokenizer
+    return lm, tokenizer
 
 
 # ----------------------------------------------------------------------------- size and cost
@@ -709,11 +714,11 @@ def lm_flops_per_token(c, context):
 
 
 def flops_per_sample(config, num_images, text_tokens, training=False):
-    """FLOPs for one record of num_images images and text_tokens
-    non-visual tokens, images at config.geo.image_size, counted as model.flops_per_sample counts them. training=False: the forward pass.
-    training=True: what a training step costs, 3x the forward of each trained part (backward ~ 2x forward) and
-    1x that of frozen ones (no backward reaches them): Spa3R's backbone always, its encoder and the vision ViT
-    when frozen. For MFU: samples/s x this / the device's peak FLOP/s."""
+    """FLOPs for one record of num_images images (at config.geo.image_size) and text_tokens other tokens,
+    counted as model.flops_per_sample counts them. training=False: the forward pass. training=True: a training
+    step, 3x the forward of each trained part (backward ~ 2x forward) and 1x that of frozen parts, which no
+    backward reaches: Spa3R's backbone always, its encoder and the vision ViT when frozen.
+    MFU = samples/s x flops_per_sample(..., training=True) / the device's peak FLOP/s."""
     c, g = config, config.geo
     n, D = (g.image_size // g.patch_size) ** 2, c.lm.dim
     n_vis = tokens_per_image(c, g.image_size, g.image_size)

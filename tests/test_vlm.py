@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models
 
 import vlm
 from data import train_tokenizer
-from test_model import count_flops
+from test_model import count_flops, watched_sdpa
 from vlm import (IGNORE, LM, LMConfig, SpaVLM, VLMConfig, chat_tokens, collate, flops_per_sample, load_for_eval,
                  load_llama, pixel_shuffle, prompt_batch, rotary, apply_rotary)
 
@@ -308,6 +308,17 @@ def test_param_groups_hold_every_trainable_weight_once():
     tuned = tiny_vlm(freeze_spa3r=False)
     spa3r = [p for g in tuned.param_groups(LRS) if g["name"].startswith("spa3r") for p in g["params"]]
     assert {id(p) for p in spa3r} == {id(p) for p in tuned.spa3r.encoder.parameters()}  # backbone stays frozen
+
+
+def test_bf16_autocast_feeds_attention_one_dtype_and_generates():
+    model = tiny_vlm()
+    items = qa_items()[:3]
+    prompts = prompt_batch([it["question"] for it in items], [it["images"] for it in items], TOKENIZER, model.config)
+    with torch.autocast("cpu", dtype=torch.bfloat16), watched_sdpa() as calls:
+        loss = model(collate(items, TOKENIZER, model.config))[0]
+        out = model.generate(prompts, 4)
+    assert torch.isfinite(loss) and len(out) == 3
+    assert calls and all(len(dtypes) == 1 for _, _, dtypes in calls)  # CUDA's flash kernel wants one dtype
 
 
 # ----------------------------------------------------------------------------- checkpoints
