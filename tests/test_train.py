@@ -1,0 +1,334 @@
+"""Tests for train.py: all three stages end to end on CPU, DDP (2 gloo processes) against one process, exact
+resume after a SIGKILL in the middle of a checkpoint, bad checkpoints named by file and tensor, and the pieces
+(schedule, sample stream, view masks, GPU table, CLI, checkpoint commit) against hand-worked values."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import generate_spar
+import train
+import vlm
+from model import GeoBackbone
+from psfm import sample_context
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 4 steps of global batch 4 per stage; validation at the end on 6 held-out samples
+COMMON = ["--device=cpu", "--steps=4", "--batch_size=4", "--warmup=2", "--log_every=1", "--eval_every=4",
+          "--eval_samples=6", "--workers=0"]
+
+
+def run(args, torchrun=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
+    return subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def check(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(folder):
+    return [(r["split"], r["step"], r["loss"]) for r in metrics(folder)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    generate_spar.generate(generate_spar.GenConfig(out=str(out), scenes=4, val_scenes=2, views=6, random_views=2,
+                                                   res=32, qa_per_task=1, vocab_size=320))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def single(data_dir, tmp_path_factory):
+    """All three stages in one process, micro-batch 4: out/geo, out/psfm, out/vlm."""
+    out = str(tmp_path_factory.mktemp("single"))
+    check(run(["train.py", f"--data={data_dir}", f"--out={out}"] + COMMON))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp(data_dir, tmp_path_factory):
+    """The same under torchrun with 2 gloo processes, micro-batch 1: 2 accumulation steps per rank."""
+    out = str(tmp_path_factory.mktemp("ddp"))
+    result = check(run(["train.py", f"--data={data_dir}", f"--out={out}", "--micro_batch=1"] + COMMON, torchrun=True))
+    return out, result.stdout
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_all_three_stages_write_loadable_checkpoints(single, data_dir):
+    geo_config, geo_state = train.load_geo_checkpoint(os.path.join(single, "geo"))
+    backbone = GeoBackbone(geo_config)
+    backbone.load_state_dict(geo_state)
+    _, _, psfm_state = train.load_psfm_checkpoint(os.path.join(single, "psfm"))
+    for name, value in geo_state.items():  # psfm trained on the geo checkpoint, frozen
+        assert torch.equal(psfm_state["backbone." + name], value)
+    model = vlm.load_for_eval(os.path.join(single, "vlm"), "cpu")
+    vlm_state = model.state_dict()
+    for name, value in psfm_state.items():  # and the VLM kept that Spa3R, frozen
+        assert torch.equal(vlm_state["spa3r." + name], value)
+    dataset = train.data.QADataset(data_dir, "val", res=32)
+    answers = model.answer([dataset[0]["record"], dataset[1]["record"]], [dataset[0]["images"], dataset[1]["images"]])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    for stage in train.STAGES:
+        folder = os.path.join(single, stage)
+        assert json.load(open(os.path.join(folder, "train_state.json")))["step"] == 4
+        rows = metrics(folder)
+        assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+        assert [r["step"] for r in rows if r["split"] == "val"] == [4]
+        assert all(math.isfinite(r["loss"]) for r in rows)
+        log = open(os.path.join(folder, "log.txt")).read()
+        assert "samples/s" in log and "ETA" in log and "MFU" not in log  # no known peak on a CPU
+    assert "tokens/s" in open(os.path.join(single, "vlm", "log.txt")).read()
+
+
+def test_two_processes_match_one_process(single, ddp):
+    out, stdout = ddp
+    assert "global batch 4 = 2 x 1 x 2 accumulation" in stdout
+    for stage in train.STAGES:
+        one, two = metrics(os.path.join(single, stage)), metrics(os.path.join(out, stage))
+        assert [(r["split"], r["step"]) for r in one] == [(r["split"], r["step"]) for r in two]
+        for a, b in zip(one, two):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (stage, a["split"], a["step"])
+
+
+KILLED_RUN = """
+import os, signal, sys
+from safetensors.torch import save
+import train
+
+saves = 0
+def write_checkpoint(stage, optimizer, cfg, step, num_samples, device, folder):
+    global saves
+    saves += 1
+    if saves == 1:
+        return real(stage, optimizer, cfg, step, num_samples, device, folder)
+    train.write_model_files(stage, folder)  # the second checkpoint: killed halfway through its optimizer file
+    blob = save(train.optimizer_tensors(optimizer))
+    with open(os.path.join(folder, "optimizer.safetensors"), "wb") as f:
+        f.write(blob[:len(blob) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real, train.write_checkpoint = train.write_checkpoint, write_checkpoint
+train.main(sys.argv[1:])
+"""
+
+
+def test_resume_after_a_kill_while_writing_a_checkpoint_is_exact(single, data_dir, tmp_path):
+    out = str(tmp_path / "psfm")
+    args = ["--stage=psfm", f"--data={data_dir}", f"--init_geo={os.path.join(single, 'geo')}", f"--out={out}",
+            "--save_every=2"] + COMMON
+    killed = run(["-c", KILLED_RUN] + args)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert os.path.isdir(os.path.join(out, train.STAGING))  # the half-written checkpoint
+    # the previous checkpoint (step 2) is whole and loadable
+    assert json.load(open(os.path.join(out, "train_state.json")))["step"] == 2
+    train.load_psfm_checkpoint(out)
+    train.read_safetensors(os.path.join(out, "optimizer.safetensors"))
+
+    check(run(["train.py", "--resume"] + args))
+    straight = os.path.join(single, "psfm")
+    # identical losses (steps 1, 2 logged before the kill; 3, 4 and validation after the resume) and weights
+    assert losses(out) == losses(straight)
+    resumed, expected = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(straight, "model.safetensors"))
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+    assert [r["step"] for r in metrics(out) if r["split"] == "train"] == [1, 2, 3, 4]  # the killed run's 3, 4 dropped
+    assert not os.path.exists(os.path.join(out, train.STAGING))  # the resumed run's saves cleared it
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+
+def truncate(path):
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[:len(blob) // 2])
+
+
+def reshape_first(path, prefix):
+    tensors = load_file(path)
+    name = sorted(k for k in tensors if k.startswith(prefix))[0]
+    tensors[name] = torch.zeros(tensors[name].numel() + 1)
+    save_file(tensors, path)
+    return name
+
+
+@pytest.mark.parametrize("case", ["init_geo truncated", "init_spa3r wrong shape", "resume truncated",
+                                  "resume optimizer wrong shape"])
+def test_bad_checkpoint_is_one_line_naming_file_and_tensor(case, single, data_dir, tmp_path):
+    source, stage, flag, file = {
+        "init_geo truncated": ("geo", "psfm", "init_geo", "model.safetensors"),
+        "init_spa3r wrong shape": ("psfm", "vlm", "init_spa3r", "model.safetensors"),
+        "resume truncated": ("geo", "geo", "out", "model.safetensors"),
+        "resume optimizer wrong shape": ("psfm", "psfm", "out", "optimizer.safetensors")}[case]
+    folder = str(tmp_path / "ckpt")
+    shutil.copytree(os.path.join(single, source), folder)
+    path = os.path.join(folder, file)
+    if "truncated" in case:
+        truncate(path)
+    else:
+        tensor = reshape_first(path, "encoder." if file == "model.safetensors" else "state.")
+    args = [f"--stage={stage}", f"--data={data_dir}", f"--init_geo={os.path.join(single, 'geo')}",
+            f"--out={tmp_path / 'out'}", f"--{flag}={folder}"] + COMMON + (["--resume"] if flag == "out" else [])
+    with pytest.raises(SystemExit) as error:
+        train.main(args)
+    message = str(error.value.code)
+    assert "\n" not in message and path in message and "tensor '" in message
+    if "shape" in case:
+        assert f"tensor '{tensor}'" in message
+
+
+def test_resume_refuses_a_different_batch_size(single, data_dir, tmp_path):
+    folder = str(tmp_path / "geo")
+    shutil.copytree(os.path.join(single, "geo"), folder)
+    with pytest.raises(SystemExit) as error:
+        train.main(["--stage=geo", f"--data={data_dir}", f"--out={folder}", "--resume"] + COMMON + ["--batch_size=2"])
+    assert "train_state.json" in str(error.value.code) and "batch_size" in str(error.value.code)
+
+
+# ----------------------------------------------------------------------------- checkpoint commit
+
+def write_files(text):
+    def write(folder):
+        for name in ("model.safetensors", "train_state.json"):
+            open(os.path.join(folder, name), "w").write(text)
+    return write
+
+
+def contents(folder):
+    return {name: open(os.path.join(folder, name)).read() for name in ("model.safetensors", "train_state.json")}
+
+
+def test_an_interrupted_write_leaves_the_previous_checkpoint(tmp_path):
+    out = str(tmp_path)
+    train.save_checkpoint(out, write_files("old"))
+
+    def dies_halfway(folder):
+        open(os.path.join(folder, "model.safetensors"), "w").write("new")
+        raise KeyboardInterrupt  # stands in for the kill: nothing after this line runs
+
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(out, dies_halfway)
+    assert contents(out) == {"model.safetensors": "old", "train_state.json": "old"}
+    train.save_checkpoint(out, write_files("newer"))  # the next save clears the leftover
+    assert contents(out) == {"model.safetensors": "newer", "train_state.json": "newer"}
+    assert sorted(os.listdir(out)) == ["model.safetensors", "train_state.json"]
+
+
+def test_a_kill_after_the_commit_rolls_forward(tmp_path):
+    out = str(tmp_path)
+    train.save_checkpoint(out, write_files("old"))
+    commit = os.path.join(out, train.COMMIT)  # as a kill leaves it: committed, one file already moved up
+    os.makedirs(commit)
+    write_files("new")(commit)
+    os.replace(os.path.join(commit, "model.safetensors"), os.path.join(out, "model.safetensors"))
+    train.finish_commit(out)
+    assert contents(out) == {"model.safetensors": "new", "train_state.json": "new"}
+    assert not os.path.exists(commit)
+
+
+def test_optimizer_state_round_trips_through_safetensors(tmp_path):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    layer(torch.randn(4, 3)).square().sum().backward()
+    optimizer.step()
+    tensors = train.optimizer_tensors(optimizer)
+    assert sorted(tensors) == ["state.0.exp_avg", "state.0.exp_avg_sq", "state.0.step",
+                               "state.1.exp_avg", "state.1.exp_avg_sq", "state.1.step"]
+    save_file(tensors, tmp_path / "optimizer.safetensors")
+    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
+    train.load_optimizer(fresh, str(tmp_path / "optimizer.safetensors"))
+    for i in range(2):
+        for name, value in optimizer.state_dict()["state"][i].items():
+            assert torch.equal(fresh.state_dict()["state"][i][name], value)
+    wrong = torch.optim.AdamW(torch.nn.Linear(4, 2).parameters())
+    with pytest.raises(ValueError, match="tensor 'state.0.exp_avg' has shape"):
+        train.load_optimizer(wrong, str(tmp_path / "optimizer.safetensors"))
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+def test_lr_schedule_hand_values():
+    cfg = train.TrainConfig(steps=14, warmup=4, min_lr_ratio=0.1)
+    assert [train.lr_factor(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert train.lr_factor(4, cfg) == pytest.approx(1.0)  # cosine from its top
+    assert train.lr_factor(9, cfg) == pytest.approx(0.55)  # half way: (1 + 0.1) / 2
+    assert train.lr_factor(13, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(0.9 * math.pi)))
+    assert train.lr_factor(14, cfg) == pytest.approx(0.1)
+
+
+def test_sample_stream_is_split_by_rank_without_repeats():
+    n, B, steps = 10, 4, 5  # 20 positions: two epochs
+    one = list(train.RankBatches(n, B, 4, 0, 1, seed=3, start=0, stop=steps))
+    ranks = [list(train.RankBatches(n, B, 1, r, 2, seed=3, start=0, stop=steps)) for r in range(2)]
+    for step in range(steps):  # each step: rank 0's two micro-batches and rank 1's cover the one-process batch
+        k0, k1 = ranks[0][2 * step:2 * step + 2], ranks[1][2 * step:2 * step + 2]
+        assert k0[0] + k1[0] + k0[1] + k1[1] == one[step]
+    seen = [sample for batch in one for sample in batch]
+    for epoch in range(2):  # every sample exactly once per epoch
+        assert sorted(i for e, i in seen if e == epoch) == list(range(n))
+    assert seen[:n] != sorted(seen[:n]) and seen[:n] != seen[n:]  # shuffled, differently each epoch
+    resumed = list(train.RankBatches(n, B, 1, 1, 2, seed=3, start=3, stop=steps))
+    assert resumed == ranks[1][6:]  # the data cursor is the step
+
+
+def test_view_masks_depend_on_the_sample_position_only():
+    whole = sample_context(8, 5, 0.5, train.masking_generator(0, 0, 7, 0, 5))
+    for offset in (0, 2, 5):
+        part = sample_context(3, 5, 0.5, train.masking_generator(0, 0, 7, offset, 5))
+        assert torch.equal(part, whole[offset:offset + 3])
+    assert not torch.equal(whole, sample_context(8, 5, 0.5, train.masking_generator(0, 0, 8, 0, 5)))
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L4", 121e12),
+                                        ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA L40S", None),
+                                        ("NVIDIA H100 NVL", None), ("Tesla T4", None)])
+def test_peak_flops_table(name, peak):
+    assert train.peak_flops(name) == peak
+
+
+def test_command_line_presets_and_paths():
+    flat, sections = train.split_arguments(["--steps=3", "--geo.dim=96", "--lm.n_layers=1", "--data=a.b/c"])
+    assert flat == ["--steps=3", "--data=a.b/c"] and sections["geo"] == ["--dim=96"] and sections["lm"] == ["--n_layers=1"]
+    with pytest.raises(SystemExit, match="--geo"):
+        train.split_arguments(["--gep.dim=3"])
+    assert train.with_overrides(train.GeoConfig.tiny(), ["--dim=96", "--num_heads=6"], "geo").dim == 96
+    with pytest.raises(ValueError, match="head_dim"):
+        train.with_overrides(train.GeoConfig.tiny(), ["--dim=72"], "geo")
+    with pytest.raises(SystemExit, match="--geo"):
+        train.with_overrides(train.GeoConfig.tiny(), ["--width=3"], "geo")
+    cfg = train.stage_config(["--out=runs/a"], "psfm", "tiny", all_stages=True)
+    assert (cfg.out, cfg.init_geo, cfg.init_spa3r) == (os.path.join("runs/a", "psfm"), os.path.join("runs/a", "geo"),
+                                                     os.path.join("runs/a", "psfm"))
+    cfg = train.stage_config([], "vlm", "tiny", all_stages=False)
+    assert (cfg.out, cfg.init_spa3r, cfg.data, cfg.batch_size) == (os.path.join("out", "vlm"), os.path.join("out", "psfm"),
+                                                                 "data/spar_tiny", 16)
+    assert train.stage_config(["--batch_size=5"], "vlm", "reference", all_stages=False).batch_size == 5
+    assert train.stage_config([], "geo", "reference", all_stages=False).data == "data/spar"
+
+
+def test_missing_data_is_generated_once(tmp_path, monkeypatch):
+    monkeypatch.setitem(train.DATA_DEFAULTS, "tiny", dict(scenes=2, val_scenes=1, views=5, random_views=1, res=16,
+                                                          qa_per_task=1, vocab_size=300))
+    folder = str(tmp_path / "data")
+    train.ensure_data(folder, "tiny", rank=0, world=1)
+    stamp = os.path.getmtime(os.path.join(folder, "tokenizer.json"))
+    assert len(train.data.scene_ids(folder, "train")) == 2 and len(train.data.scene_ids(folder, "val")) == 1
+    train.ensure_data(folder, "tiny", rank=0, world=1)
+    assert os.path.getmtime(os.path.join(folder, "tokenizer.json")) == stamp

@@ -1,0 +1,885 @@
+"""train.py: trains nanoSpa3R's three stages, on one CPU or many GPUs, and resumes without loss.
+
+    geo   model.GeoBackbone learns depth and cameras from the generator's ground truth  -> out/geo
+    psfm  psfm.PSFM: the Spa3R encoder + field decoder on the frozen backbone           -> out/psfm  (reads out/geo)
+    vlm   vlm.SpaVLM answers the QA records with the Spa3R latent (frozen) inside      -> out/vlm   (reads out/psfm)
+
+Usage:
+    python train.py                                     # all three stages in order; the data is generated if absent
+    python train.py --stage=geo --steps=500 --geo.dim=96
+    torchrun --standalone --nproc_per_node=8 train.py   # the same on 8 GPUs (DDP over NCCL; gloo on CPU)
+    python train.py --stage=vlm --spa3r=none --out=out/vlm_none   # the baseline VLM for the ablation
+    python train.py --resume                            # continue every stage from where its checkpoint stopped
+
+Every TrainConfig field is a --key=value flag; model sizes are --geo.*, --psfm.*, --lm.* and --vlm.* (fields of
+GeoConfig, Spa3RConfig, LMConfig, VLMConfig). --preset=tiny|reference picks the sizes and the defaults below
+(left empty: reference on CUDA, tiny elsewhere).
+
+A step is the same whatever the world size. The training samples form one stream: epoch e is a permutation of
+the data seeded by (seed, e), the epochs one after another. Step s takes the next batch_size positions; each rank
+reads micro-batches of micro_batch consecutive positions of them, accumulates gradients (DDP's no_sync on all but
+the last micro-step) and scales each micro-batch's mean loss by its weight (samples; answer tokens for vlm) over
+the step's total weight, so the summed gradient is that of the whole global batch in one process. All per-sample
+randomness (view subsets, PSFM's view masking) comes from the sample's position, never from the rank, and the
+data cursor of a checkpoint is just its step.
+
+Reading order: TrainConfig and presets; processes and devices; the sample stream; the three stages (model, data,
+loss, FLOPs); optimizer and schedule; checkpoints; logging; validation; the loop; main.
+"""
+import base64
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from datetime import timedelta
+from functools import lru_cache, partial
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import data
+import model as geo_model
+import psfm as psfm_model
+import vlm
+from generate_spar import GenConfig, generate, parse_args, write_atomic
+from model import GeoBackbone, GeoConfig, geo_loss
+from psfm import PSFM, Spa3RConfig
+
+STAGES = ("geo", "psfm", "vlm")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass
+class TrainConfig:
+    stage: str = ""             # geo | psfm | vlm; empty: all three in order, each from the one before
+    preset: str = ""            # tiny | reference (model, data and the defaults below); empty: reference on CUDA, else tiny
+    data: str = ""              # data directory, generated if absent; empty: data/spar (reference), data/spar_tiny (tiny)
+    out: str = ""               # checkpoint directory; empty: out/<stage>. Without --stage: the parent of geo/ psfm/ vlm/
+    resume: bool = False        # continue from the checkpoint in --out (a fresh start when there is none yet)
+    init_geo: str = ""          # psfm, and vlm with --spa3r=none: the geo checkpoint; empty: out/geo; "none": random
+    init_spa3r: str = ""        # vlm: the psfm checkpoint giving Spa3R (backbone + encoder) and the vision ViT; empty: out/psfm
+    spa3r: str = "psfm"         # vlm: "psfm" = Spa3-VLM; "none" = the baseline VLM without the spatial branch
+    steps: int = 600            # optimizer steps
+    batch_size: int = 8         # global batch (samples per optimizer step), the same for any number of processes
+    micro_batch: int = 0        # samples per forward pass on each rank; 0 = batch_size / world size (no accumulation)
+    num_views: int = 4          # geo, psfm: views per sample (view 0 is the reference)
+    samples_per_scene: int = 1  # geo, psfm: samples (view subsets) per scene in an epoch
+    lr: float = 2e-3            # geo, psfm: peak learning rate
+    lr_lm: float = 2e-3         # vlm: per-module peak learning rates
+    lr_vision: float = 5e-4
+    lr_projector: float = 2e-3
+    lr_adapter: float = 2e-3
+    lr_spa3r: float = 5e-4      # only used with --vlm.freeze_spa3r=false
+    min_lr_ratio: float = 0.1   # cosine decay ends at min_lr_ratio x peak (the paper: 2e-3 -> 2e-4)
+    warmup: int = 50            # linear warmup steps
+    weight_decay: float = 0.05  # on matrices only, not on gains and biases
+    clip: float = 1.0           # gradient-norm clipping (0: off)
+    seed: int = 0
+    device: str = ""            # cuda | mps | cpu; empty: cuda, then mps, then cpu
+    bf16: bool = True           # bf16 autocast on CUDA
+    compile: bool = False       # torch.compile the model
+    workers: int = 0            # DataLoader worker processes per rank
+    log_every: int = 10
+    eval_every: int = 200       # validation loss on held-out scenes every this many steps and at the end (0: never)
+    eval_samples: int = 32
+    save_every: int = 200       # checkpoint every this many steps and at the end
+
+
+# What differs from TrainConfig's defaults by preset and stage; command-line flags override both.
+# tiny: the whole chain in minutes on a CPU. reference: sized for 8 GPUs for a day (not yet measured on a GPU).
+PRESET_DEFAULTS = {
+    ("tiny", "geo"): dict(),
+    ("tiny", "psfm"): dict(),
+    ("tiny", "vlm"): dict(batch_size=16),
+    ("reference", "geo"): dict(steps=20000, batch_size=64, num_views=8, samples_per_scene=8, lr=5e-4, warmup=1000,
+                               workers=4, log_every=20, eval_every=1000, eval_samples=256, save_every=1000),
+    ("reference", "psfm"): dict(steps=20000, batch_size=64, num_views=8, samples_per_scene=8, lr=1e-3, warmup=1000,
+                                weight_decay=1e-4, workers=4, log_every=20, eval_every=1000, eval_samples=256,
+                                save_every=1000),
+    ("reference", "vlm"): dict(steps=10000, batch_size=64, lr_lm=5e-4, lr_vision=1e-4, lr_projector=1e-3,
+                               lr_adapter=1e-3, lr_spa3r=1e-4, warmup=500, weight_decay=0.1, workers=4, log_every=20,
+                               eval_every=1000, eval_samples=512, save_every=1000),
+}
+# The data generated when --data is absent (generate_spar.GenConfig fields)
+DATA_DEFAULTS = {
+    "tiny": dict(out="data/spar_tiny", scenes=64, val_scenes=8, views=12, random_views=4, res=32),
+    "reference": dict(out="data/spar", scenes=512, val_scenes=32, res=224),
+}
+MODEL_SECTIONS = ("geo", "psfm", "lm", "vlm")  # --geo.dim=96 etc.
+
+
+def split_arguments(argv):
+    """argv -> (TrainConfig flags, {section: [--key=value of that model config]})."""
+    flat, sections = [], {name: [] for name in MODEL_SECTIONS}
+    for arg in argv:
+        head, dot, rest = arg.partition(".")
+        if dot and "=" not in head:
+            section = head.lstrip("-")
+            if section not in sections:
+                raise SystemExit(f"unknown argument {arg!r}: model configs are " + ", ".join(f"--{s}.*" for s in sections))
+            sections[section].append("--" + rest)
+        else:
+            flat.append(arg)
+    return flat, sections
+
+
+def with_overrides(config, args, section):
+    """A model config with --section.key=value overrides (typed by generate_spar.parse_args), validated again."""
+    nested = {f.name for f in fields(config) if is_dataclass(getattr(config, f.name))}
+    for arg in args:
+        if arg[2:].partition("=")[0] in nested:
+            raise SystemExit(f"--{section}.{arg[2:]}: set its fields as --{arg[2:].partition('=')[0]}.<field>")
+    try:
+        parse_args(args, config)
+    except SystemExit as error:
+        raise SystemExit(f"--{section}.*: {error}") from None
+    return replace(config)  # replace() runs __post_init__, so a bad value is refused by the config itself
+
+
+def stage_config(flat_args, stage, preset, all_stages):
+    """TrainConfig of one stage: TrainConfig defaults, then the preset's, then the command line; paths resolved."""
+    cfg = parse_args(flat_args, TrainConfig(**PRESET_DEFAULTS[preset, stage]))
+    root = (cfg.out or "out") if all_stages else "out"
+    cfg.stage, cfg.preset = stage, preset
+    cfg.out = os.path.join(root, stage) if all_stages else (cfg.out or os.path.join("out", stage))
+    cfg.data = cfg.data or DATA_DEFAULTS[preset]["out"]
+    cfg.init_geo = cfg.init_geo or os.path.join(root, "geo")
+    cfg.init_spa3r = cfg.init_spa3r or os.path.join(root, "psfm")
+    if cfg.spa3r not in ("psfm", "none"):
+        raise SystemExit(f"--spa3r must be 'psfm' or 'none', got {cfg.spa3r!r}")
+    for name in ("steps", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- processes and devices
+
+def setup_processes(device_name):
+    """RANK / LOCAL_RANK / WORLD_SIZE from torchrun's environment (absent: one process) -> (rank, world, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not device_name:
+        device_name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() and world == 1 else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # the fp32 parts
+    if world > 1:
+        # long timeout: rank 0 may be generating data or writing a checkpoint while the others wait
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor, world):
+    if world > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def ensure_data(data_dir, preset, rank, world):
+    """Generate the preset's default data set into data_dir if it is not there (rank 0; the others wait).
+    tokenizer.json is the last file generate() writes, so its presence means a finished data set."""
+    if rank == 0 and not os.path.exists(os.path.join(data_dir, "tokenizer.json")):
+        print(f"train.py: no data set in {data_dir}: generating the {preset} one", flush=True)
+        config = GenConfig(**{**DATA_DEFAULTS[preset], "out": data_dir})  # GenConfig's seed: one data set for every run
+        config.workers = min(8, os.cpu_count() or 1) if preset == "reference" else 1
+        generate(config)
+    barrier(world)
+
+
+# ----------------------------------------------------------------------------- the sample stream
+
+@lru_cache(maxsize=4)
+def epoch_permutation(num_samples, seed, epoch):
+    generator = torch.Generator().manual_seed(data.hash_seed(seed, epoch))
+    return torch.randperm(num_samples, generator=generator).tolist()
+
+
+def stream_sample(position, num_samples, seed):
+    """Position in the sample stream -> (epoch, sample index): epochs are seeded permutations, one after another."""
+    epoch, i = divmod(position, num_samples)
+    return epoch, epoch_permutation(num_samples, seed, epoch)[i]
+
+
+def micro_offset(k, rank, world, micro_batch):
+    """Where micro-step k of `rank` starts within its step's global batch."""
+    return (k * world + rank) * micro_batch
+
+
+class RankBatches:
+    """DataLoader batch_sampler: this rank's micro-batches, as (epoch, index) lists, for steps start..stop-1."""
+
+    def __init__(self, num_samples, batch_size, micro_batch, rank, world, seed, start, stop):
+        self.n, self.B, self.m, self.rank, self.world, self.seed = num_samples, batch_size, micro_batch, rank, world, seed
+        self.start, self.stop = start, stop
+        self.accum = batch_size // (world * micro_batch)
+
+    def __len__(self):
+        return (self.stop - self.start) * self.accum
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            for k in range(self.accum):
+                first = step * self.B + micro_offset(k, self.rank, self.world, self.m)
+                yield [stream_sample(p, self.n, self.seed) for p in range(first, first + self.m)]
+
+
+class EpochItems(torch.utils.data.Dataset):
+    """Item (epoch, index) of a dataset whose samples depend on the epoch (SceneViewsDataset's view subsets)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+def masking_generator(seed, split, step, offset, num_views):
+    """The CPU generator PSFM draws its view masks from, for a micro-batch starting at `offset` in its step.
+    sample_context draws one row of num_views - 1 uniforms per sample, in order, so skipping `offset` rows
+    gives every sample the row it gets when the whole batch runs in one process."""
+    generator = torch.Generator().manual_seed(data.hash_seed(seed, split, step))
+    torch.rand(offset, max(num_views - 1, 0), generator=generator)
+    return generator
+
+
+# ----------------------------------------------------------------------------- the three stages
+
+@dataclass
+class Stage:
+    name: str
+    model: nn.Module        # the plain module: what is trained, validated and saved
+    config: object          # GeoConfig (geo), (GeoConfig, Spa3RConfig) (psfm), VLMConfig (vlm)
+    groups: list            # AdamW parameter groups, each with its own peak "lr"
+    train_set: torch.utils.data.Dataset
+    val_set: torch.utils.data.Dataset
+    collate: object
+
+
+def decay_groups(module, lr, weight_decay):
+    """Trainable matrices decay, gains and biases do not (as nanoGPT)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [{"name": "decay", "params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": weight_decay},
+            {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0}]
+
+
+def preset_config(cls, preset, args, section):
+    return with_overrides(cls.reference() if preset == "reference" else cls.tiny(), args, section)
+
+
+def build_geo(cfg, model_args):
+    config = preset_config(GeoConfig, cfg.preset, model_args["geo"], "geo")
+    torch.manual_seed(cfg.seed)
+    model = GeoBackbone(config)
+    return Stage("geo", model, config, decay_groups(model, cfg.lr, cfg.weight_decay),
+                 *view_datasets(cfg, config.image_size), data.collate_views)
+
+
+def build_psfm(cfg, model_args):
+    geo_config, state = load_geo_checkpoint(cfg.init_geo)
+    config = preset_config(Spa3RConfig, cfg.preset, model_args["psfm"], "psfm")
+    torch.manual_seed(cfg.seed)
+    backbone = GeoBackbone(geo_config)
+    backbone.load_state_dict(state)
+    model = PSFM(config, backbone)  # freezes the backbone
+    return Stage("psfm", model, (geo_config, config), decay_groups(model, cfg.lr, cfg.weight_decay),
+                 *view_datasets(cfg, geo_config.image_size), data.collate_views)
+
+
+def view_datasets(cfg, res):
+    def views(split, samples_per_scene):
+        return data.SceneViewsDataset(cfg.data, split, cfg.num_views, res, cfg.seed, samples_per_scene)
+    return views("train", cfg.samples_per_scene), views("val", 1)
+
+
+def build_vlm(cfg, model_args):
+    if any(arg.startswith("--spa3r") for arg in model_args["vlm"]):
+        raise SystemExit("--vlm.spa3r: use --spa3r=psfm|none (it also decides which checkpoint the VLM starts from)")
+    tokenizer = data.load_tokenizer(os.path.join(cfg.data, "tokenizer.json"))
+    if cfg.spa3r == "psfm":  # the vision ViT and Spa3R both come from the psfm checkpoint
+        geo_config, psfm_config, state = load_psfm_checkpoint(cfg.init_spa3r)
+    elif cfg.init_geo != "none":  # the baseline keeps the same vision ViT start, from the geo backbone
+        geo_config, geo_state = load_geo_checkpoint(cfg.init_geo)
+        state = {"backbone." + k: v for k, v in geo_state.items()}
+    else:
+        geo_config, state = preset_config(GeoConfig, cfg.preset, model_args["geo"], "geo"), None
+    if cfg.spa3r == "none":  # unused without the spatial branch, but VLMConfig (and config.json) holds one
+        psfm_config = preset_config(Spa3RConfig, cfg.preset, [], "psfm")
+    lm_config = preset_config(vlm.LMConfig, cfg.preset, model_args["lm"], "lm")
+    if not any(a.startswith("--vocab_size") for a in model_args["lm"]):  # the data's tokenizer, padded to a multiple of 64
+        lm_config = replace(lm_config, vocab_size=64 * math.ceil(tokenizer.get_vocab_size() / 64))
+    config = replace(vlm.VLMConfig(), lm=lm_config, geo=geo_config, psfm=psfm_config, spa3r=cfg.spa3r)
+    config = with_overrides(config, model_args["vlm"], "vlm")
+    torch.manual_seed(cfg.seed)
+    model = vlm.SpaVLM(config, tokenizer)
+    if state is not None:
+        model.init_from_psfm(state)
+    lrs = {"lm": cfg.lr_lm, "vision": cfg.lr_vision, "projector": cfg.lr_projector, "adapter": cfg.lr_adapter,
+           "spa3r": cfg.lr_spa3r}
+    collate = partial(vlm.collate, tokenizer=tokenizer, config=config)
+    return Stage("vlm", model, config, model.param_groups(lrs, cfg.weight_decay),
+                 data.QADataset(cfg.data, "train", geo_config.image_size), data.QADataset(cfg.data, "val", geo_config.image_size),
+                 collate)
+
+
+BUILDERS = {"geo": build_geo, "psfm": build_psfm, "vlm": build_vlm}
+PAD = data.SPECIAL_TOKENS.index("<|pad|>")  # vlm.collate right-pads with it
+
+
+def stage_loss(stage, model, batch, generator):
+    """(loss, {term: detached}) of one micro-batch; model may be the DDP / compiled wrapper of stage.model."""
+    if stage.name == "geo":
+        return geo_loss(model(batch["images"]), batch)
+    if stage.name == "psfm":
+        return model(batch, generator)
+    return model(batch)
+
+
+def batch_weight(stage, batch):
+    """How much a micro-batch's mean loss counts in its step: samples, or answer tokens for vlm (whose loss is the
+    mean over all answer tokens of the global batch)."""
+    if stage.name == "vlm":
+        return int((batch["targets"] != vlm.IGNORE).sum())
+    return len(batch["images"])
+
+
+def batch_tokens(stage, batch):
+    """Tokens the LM reads (text and visual, not padding); 0 for geo and psfm."""
+    return int((batch["input_ids"] != PAD).sum()) if stage.name == "vlm" else 0
+
+
+def batch_flops(stage, batch, num_views):
+    """FLOPs of a training step on this micro-batch (forward + backward of the trained parts, forward of frozen ones)."""
+    if stage.name == "geo":
+        return len(batch["images"]) * 3 * geo_model.flops_per_sample(stage.config, num_views)
+    if stage.name == "psfm":
+        geo_config, config = stage.config
+        per_sample = geo_model.flops_per_sample(geo_config, num_views) + 3 * psfm_model.flops_per_sample(config, geo_config, num_views)
+        return len(batch["images"]) * per_sample
+    per_image = vlm.tokens_per_image(stage.config, *batch["images"].shape[-2:])
+    lengths = (batch["input_ids"] != PAD).sum(1).tolist()
+    return sum(vlm.flops_per_sample(stage.config, n, t - n * per_image, training=True)
+               for n, t in zip(batch["num_images"].tolist(), lengths))
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+def make_optimizer(groups, device):
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    fused = device.type in ("cuda", "cpu")  # one kernel for every tensor's update
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def lr_factor(step, cfg):
+    """Multiplier of every group's peak lr at 0-based step: linear warmup to 1, then cosine down to min_lr_ratio."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# out/<stage>/: model.safetensors + config.json (what later stages and eval.py read), optimizer.safetensors
+# (AdamW's state, flattened as state.<param index>.<name>), train_state.json (step, RNG, data position, config).
+# Nothing is pickled: safetensors for tensors, JSON for the rest.
+
+STAGING, COMMIT = ".staging", ".commit"
+
+
+def save_checkpoint(out, write_files):
+    """A whole checkpoint, so that a kill at any moment leaves the previous one or this one, never a mix:
+    write_files(folder) writes every file into out/.staging; renaming that folder to out/.commit is the one
+    atomic switch; then the files move up into out (finish_commit, which also completes an interrupted move)."""
+    os.makedirs(out, exist_ok=True)
+    finish_commit(out)
+    staging = os.path.join(out, STAGING)
+    shutil.rmtree(staging, ignore_errors=True)  # what a save killed half way left
+    os.makedirs(staging)
+    write_files(staging)
+    for name in os.listdir(staging):  # on the disk before the switch, not only in the page cache
+        with open(os.path.join(staging, name), "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(staging, os.path.join(out, COMMIT))
+    finish_commit(out)
+
+
+def finish_commit(out):
+    """Move a committed checkpoint's files into place, or finish the move a kill interrupted. Idempotent."""
+    commit = os.path.join(out, COMMIT)
+    if os.path.isdir(commit):
+        for name in sorted(os.listdir(commit)):
+            os.replace(os.path.join(commit, name), os.path.join(out, name))
+        os.rmdir(commit)
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg})") from None
+
+
+def read_safetensors(path):
+    """{name: tensor} of a safetensors file. A missing, truncated or corrupt file is a one-line ValueError naming
+    the file and, when the header is intact, the first tensor whose bytes are missing."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: file not found")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_size = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+        if 8 + header_size > size:
+            raise ValueError(f"{path}: truncated or not a safetensors file (header of {header_size} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
+    for name, spec in header.items():
+        if name != "__metadata__" and 8 + header_size + spec["data_offsets"][1] > size:
+            raise ValueError(f"{path}: truncated: tensor '{name}' needs bytes up to {8 + header_size + spec['data_offsets'][1]}, "
+                             f"the file has {size}")
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises its own error type for anything else malformed
+        raise ValueError(f"{path}: unreadable safetensors file ({error})") from None
+
+
+def check_tensors(tensors, shapes, path):
+    """tensors must hold exactly the names of shapes {name: shape}, each of that shape."""
+    missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
+    if missing:
+        raise ValueError(f"{path}: tensor '{missing[0]}' is missing ({len(missing)} missing)")
+    if extra:
+        raise ValueError(f"{path}: unexpected tensor '{extra[0]}' ({len(extra)} unexpected)")
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, the model needs {tuple(shape)}")
+
+
+def load_weights(module, path):
+    state = read_safetensors(path)
+    check_tensors(state, {k: v.shape for k, v in module.state_dict().items()}, path)
+    module.load_state_dict(state)
+
+
+def config_from_dict(cls, values, path, section=""):
+    """A model config from its config.json dict; an unknown field or a refused value names the file and field."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: field '{section or cls.__name__}' must be an object")
+    known = {f.name for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ValueError(f"{path}: unknown field '{section + '.' if section else ''}{key}'")
+    try:
+        return cls(**values)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def shapes_of(build):
+    """{name: shape} of the state a module would have, built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return {k: v.shape for k, v in build().state_dict().items()}
+
+
+def load_geo_checkpoint(folder):
+    """A stage-geo checkpoint -> (GeoConfig, checked state dict)."""
+    path = os.path.join(folder, "config.json")
+    config = config_from_dict(GeoConfig, read_json(path), path)
+    state = read_safetensors(os.path.join(folder, "model.safetensors"))
+    check_tensors(state, shapes_of(lambda: GeoBackbone(config)), os.path.join(folder, "model.safetensors"))
+    return config, state
+
+
+def load_psfm_checkpoint(folder):
+    """A stage-psfm checkpoint -> (GeoConfig, Spa3RConfig, checked PSFM state dict, frozen backbone included)."""
+    path = os.path.join(folder, "config.json")
+    saved = read_json(path)
+    geo_config = config_from_dict(GeoConfig, saved.get("geo"), path, "geo")
+    config = config_from_dict(Spa3RConfig, saved.get("psfm"), path, "psfm")
+    state = read_safetensors(os.path.join(folder, "model.safetensors"))
+    check_tensors(state, shapes_of(lambda: PSFM(config, GeoBackbone(geo_config))), os.path.join(folder, "model.safetensors"))
+    return geo_config, config, state
+
+
+def write_model_files(stage, folder):
+    """model.safetensors + config.json (the VLM through vlm.save, which eval.py's load_for_eval reads)."""
+    if stage.name == "vlm":
+        vlm.save(stage.model, folder)
+        return
+    state = {k: v.detach().cpu().contiguous() for k, v in stage.model.state_dict().items()}
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    write_atomic(os.path.join(folder, "config.json"), (json.dumps(model_config_dict(stage), indent=1) + "\n").encode())
+
+
+def write_checkpoint(stage, optimizer, cfg, step, num_samples, device, folder):
+    write_model_files(stage, folder)
+    save_file(optimizer_tensors(optimizer), os.path.join(folder, "optimizer.safetensors"))
+    state = json.dumps(train_state(cfg, step, num_samples, device), indent=1) + "\n"
+    write_atomic(os.path.join(folder, "train_state.json"), state.encode())
+
+
+def model_config_dict(stage):
+    """config.json of geo and psfm: GeoConfig, or {"geo": GeoConfig, "psfm": Spa3RConfig} (vlm: VLMConfig)."""
+    return asdict(stage.config) if stage.name != "psfm" else {"geo": asdict(stage.config[0]), "psfm": asdict(stage.config[1])}
+
+
+def optimizer_tensors(optimizer):
+    """AdamW's state as flat names state.<param index>.<exp_avg | exp_avg_sq | step>."""
+    return {f"state.{i}.{name}": torch.as_tensor(value).detach().cpu().contiguous()
+            for i, state in optimizer.state_dict()["state"].items() for name, value in state.items()}
+
+
+def load_optimizer(optimizer, path):
+    tensors = read_safetensors(path)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    shapes = {}
+    for i, p in enumerate(params):
+        shapes.update({f"state.{i}.step": (), f"state.{i}.exp_avg": p.shape, f"state.{i}.exp_avg_sq": p.shape})
+    check_tensors(tensors, shapes, path)
+    state = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def encode_bytes(tensor):
+    return base64.b64encode(tensor.numpy().tobytes()).decode()
+
+
+def decode_bytes(text):
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def train_state(cfg, step, num_samples, device):
+    """train_state.json: what, besides weights and AdamW, the loop needs to continue exactly."""
+    rng = {"torch": encode_bytes(torch.get_rng_state())}
+    if device.type == "cuda":
+        rng["cuda"] = encode_bytes(torch.cuda.get_rng_state(device))
+    seen = step * cfg.batch_size
+    return {"stage": cfg.stage, "step": step, "rng": rng, "config": asdict(cfg),
+            "data": {"samples_seen": seen, "epoch": seen // num_samples, "train_samples": num_samples}}
+
+
+SAME_ON_RESUME = ("batch_size", "seed", "num_views", "samples_per_scene", "spa3r")  # they define the sample stream and model
+
+
+def load_checkpoint(cfg, stage, optimizer, device):
+    """Restore weights, AdamW and RNG from cfg.out -> the step to continue from."""
+    state_path = os.path.join(cfg.out, "train_state.json")
+    saved = read_json(state_path)
+    if not isinstance(saved.get("step"), int) or not isinstance(saved.get("config"), dict):
+        raise ValueError(f"{state_path}: fields 'step' (int) and 'config' (object) are required")
+    for name in SAME_ON_RESUME:
+        if saved["config"].get(name) != getattr(cfg, name):
+            raise ValueError(f"{state_path}: field 'config.{name}' is {saved['config'].get(name)!r}, this run has "
+                             f"{getattr(cfg, name)!r}: resume with the same value")
+    load_weights(stage.model, os.path.join(cfg.out, "model.safetensors"))
+    load_optimizer(optimizer, os.path.join(cfg.out, "optimizer.safetensors"))
+    torch.set_rng_state(decode_bytes(saved["rng"]["torch"]))
+    if device.type == "cuda" and "cuda" in saved["rng"]:
+        torch.cuda.set_rng_state(decode_bytes(saved["rng"]["cuda"]), device)
+    return saved["step"]
+
+
+# ----------------------------------------------------------------------------- logging
+
+# Dense bf16 tensor-core peak FLOP/s, matched in order on the lower-cased torch.cuda.get_device_name().
+# A GPU not listed gets no MFU (rather than a wrong one).
+PEAK_BF16_FLOPS = [
+    (r"h100.*pcie", 756e12),
+    (r"h100 (80gb hbm3|sxm)", 989e12),  # the SXM card reports itself as "NVIDIA H100 80GB HBM3"
+    (r"gh200|h200(?!.*nvl)", 989e12),
+    (r"a100", 312e12),
+    (r"\bl4\b", 121e12),
+    (r"rtx 4090", 165e12),
+]
+
+
+def peak_flops(device_name):
+    for pattern, flops in PEAK_BF16_FLOPS:
+        if re.search(pattern, device_name.lower()):
+            return flops
+    return None
+
+
+def format_duration(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class Log:
+    """Rank 0's log: lines to the terminal and out/log.txt, numbers to out/metrics.jsonl (one JSON a line).
+    On resume the metrics of steps after the checkpoint are dropped: they are about to be run again."""
+
+    def __init__(self, out, rank, start):
+        self.enabled = rank == 0
+        self.text_path, self.metrics_path = os.path.join(out, "log.txt"), os.path.join(out, "metrics.jsonl")
+        if not self.enabled:
+            return
+        os.makedirs(out, exist_ok=True)
+        kept = []
+        if start and os.path.exists(self.metrics_path):
+            with open(self.metrics_path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+        write_atomic(self.metrics_path, "".join(kept).encode())
+        if not start:
+            write_atomic(self.text_path, b"")
+
+    def line(self, text):
+        if self.enabled:
+            tqdm.write(text)
+            with open(self.text_path, "a", encoding="utf-8") as f:
+                f.write(text + "\n")
+
+    def metrics(self, record):
+        if self.enabled:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def term_text(terms):
+    return " ".join(f"{k} {v:.4f}" for k, v in terms.items() if k != "loss")
+
+
+class Window:
+    """Loss terms and throughput since the last log line. Terms stay on the device until a log step, so the
+    loop never waits for the GPU in between; one all_reduce then sums them over ranks."""
+
+    def __init__(self):
+        self.reset()
+        self.started = time.time()
+
+    def reset(self):
+        self.sums, self.weight, self.tokens, self.flops, self.steps, self.paused = {}, 0, 0, 0.0, 0, 0.0
+
+    def count(self, tokens, flops):
+        self.tokens, self.flops, self.steps = self.tokens + tokens, self.flops + flops, self.steps + 1
+
+    def add(self, loss, terms, weight):
+        for name, value in {"loss": loss.detach(), **terms}.items():
+            self.sums[name] = self.sums.get(name, 0) + value.float() * weight
+        self.weight += weight
+
+    def pause(self, seconds):
+        """Validation and checkpoint time does not count against throughput."""
+        self.paused += seconds
+
+    def report(self, world, device, batch_size):
+        """-> ({"loss", term: mean over the window, all ranks}, {seconds_per_step, samples_per_s, tokens_per_s, flops_per_s})."""
+        local = torch.stack([*self.sums.values()]).double()
+        extra = torch.tensor([self.weight, self.tokens, self.flops], dtype=torch.float64, device=device)
+        reduced = all_reduce_sum(torch.cat([local, extra]), world).tolist()
+        weight, tokens, flops = reduced[len(self.sums):]
+        means = {name: value / weight for name, value in zip(self.sums, reduced)}
+        seconds = max(time.time() - self.started - self.paused, 1e-9)
+        speed = {"seconds_per_step": seconds / self.steps, "samples_per_s": self.steps * batch_size / seconds,
+                 "tokens_per_s": tokens / seconds, "flops_per_s": flops / seconds}
+        self.reset()
+        self.started = time.time()
+        return means, speed
+
+
+def log_train_step(log, bar, cfg, step, means, speed, grad_norm, peak, world):
+    lr = lr_factor(step - 1, cfg) * (cfg.lr_lm if cfg.stage == "vlm" else cfg.lr)  # the lr the last step ran at
+    tokens_per_s = speed["tokens_per_s"] if cfg.stage == "vlm" else None
+    mfu = speed["flops_per_s"] / (peak * world) if peak else None  # unknown device: no MFU rather than a wrong one
+    text = (f"{cfg.stage} step {step}/{cfg.steps} | loss {means['loss']:.4f} | {term_text(means)} | lr {lr:.2e} | "
+            f"grad {grad_norm:.3f} | {speed['samples_per_s']:.1f} samples/s")
+    text += f" | {tokens_per_s:.0f} tokens/s" if tokens_per_s is not None else ""
+    text += f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+    log.line(text + f" | ETA {format_duration((cfg.steps - step) * speed['seconds_per_step'])}")
+    bar.set_postfix(loss=f"{means['loss']:.4f}")
+    log.metrics({"step": step, "split": "train", **means, "lr": lr, "grad_norm": grad_norm,
+                 "samples_per_s": speed["samples_per_s"], "tokens_per_s": tokens_per_s, "mfu": mfu})
+
+
+# ----------------------------------------------------------------------------- validation
+
+@dataclass
+class Run:
+    """Where this process sits and how it splits the global batch."""
+    rank: int
+    world: int
+    device: torch.device
+    micro_batch: int   # samples per forward pass on this rank
+    accum: int         # micro-steps per optimizer step
+    autocast: object   # bf16 autocast on CUDA, else a null context
+
+
+@torch.no_grad()
+def validate(stage, cfg, run):
+    """Mean loss terms over the first eval_samples held-out samples, split across ranks by micro-batches and
+    weighted as in training; each sample's masks depend on its position only, so any world size agrees."""
+    n, m = len(stage.val_set), run.micro_batch
+    chunks = [list(range(first, min(first + m, cfg.eval_samples))) for first in range(0, cfg.eval_samples, m)]
+    mine, counted = chunks[run.rank::run.world], 1
+    if not mine:  # more ranks than micro-batches: run one anyway (for the term names), counted as nothing
+        mine, counted = chunks[:1], 0
+    loader = torch.utils.data.DataLoader(EpochItems(stage.val_set), collate_fn=stage.collate,
+                                         batch_sampler=[[(0, p % n) for p in chunk] for chunk in mine])
+    stage.model.eval()
+    sums, total_weight = 0, 0
+    for chunk, batch in zip(mine, loader):
+        weight = batch_weight(stage, batch) * counted
+        generator = masking_generator(cfg.seed, 1, 0, chunk[0], cfg.num_views)
+        with run.autocast:
+            loss, terms = stage_loss(stage, stage.model, to_device(batch, run.device), generator)
+        names = ["loss", *terms]
+        sums = sums + torch.stack([loss.float(), *(t.float() for t in terms.values())]).double() * weight
+        total_weight += weight
+    stage.model.train()
+    local = torch.cat([sums, torch.tensor([float(total_weight)], dtype=torch.float64, device=run.device)])
+    reduced = all_reduce_sum(local, run.world)
+    return dict(zip(names, (reduced[:-1] / reduced[-1]).tolist()))
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+def train_stage(cfg, model_args, rank, world, device):
+    """Build the stage, continue from its checkpoint with --resume, run the remaining steps, save."""
+    if rank == 0:  # a kill during a save may have left a commit half moved: complete it before anyone reads
+        for folder in (cfg.out, cfg.init_geo, cfg.init_spa3r):
+            finish_commit(folder)
+    barrier(world)
+    stage = BUILDERS[cfg.stage](cfg, model_args)
+    micro_batch = cfg.micro_batch or cfg.batch_size // world
+    if micro_batch < 1 or cfg.batch_size % (world * micro_batch):
+        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of world size x micro-batch = {world} x {micro_batch}")
+    use_autocast = cfg.bf16 and device.type == "cuda"
+    run = Run(rank, world, device, micro_batch, cfg.batch_size // (world * micro_batch),
+              torch.autocast("cuda", torch.bfloat16) if use_autocast else nullcontext())
+    model = stage.model.to(device)
+    optimizer = make_optimizer(stage.groups, device)
+    resumed = cfg.resume and os.path.exists(os.path.join(cfg.out, "train_state.json"))
+    start = load_checkpoint(cfg, stage, optimizer, device) if resumed else 0
+    log = Log(cfg.out, rank, start)
+    log_header(log, cfg, stage, run, start, resumed)
+    if start >= cfg.steps:
+        log.line(f"{cfg.stage}: already trained to step {start} of {cfg.steps}")
+        barrier(world)
+        return
+    runner = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = RankBatches(len(stage.train_set), cfg.batch_size, micro_batch, rank, world, cfg.seed, start, cfg.steps)
+    batches = iter(torch.utils.data.DataLoader(EpochItems(stage.train_set), batch_sampler=sampler, collate_fn=stage.collate,
+                                               num_workers=cfg.workers, pin_memory=device.type == "cuda"))
+    peak = peak_flops(torch.cuda.get_device_name(device)) if use_autocast else None
+    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, disable=True if rank else None, mininterval=1, dynamic_ncols=True)
+    window = Window()
+    for step in range(start, cfg.steps):
+        grad_norm = train_step(stage, runner, optimizer, [next(batches) for _ in range(run.accum)], step, cfg, run, window)
+        bar.update()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            means, speed = window.report(world, device, cfg.batch_size)
+            if not math.isfinite(means["loss"]):
+                raise ValueError(f"{cfg.stage}: the loss is {means['loss']} at step {done}; lower --lr or check the data")
+            log_train_step(log, bar, cfg, done, means, speed, float(grad_norm), peak, world)
+        started = time.time()
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+            val = validate(stage, cfg, run)
+            log.line(f"{cfg.stage} step {done}/{cfg.steps} | val loss {val['loss']:.4f} | {term_text(val)}")
+            log.metrics({"step": done, "split": "val", **val})
+        if rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps):
+            save_checkpoint(cfg.out, partial(write_checkpoint, stage, optimizer, cfg, done, len(stage.train_set), device))
+        window.pause(time.time() - started)  # validation and checkpoints do not count against throughput
+    bar.close()
+    log.line(f"{cfg.stage}: done, checkpoint in {cfg.out}")
+    barrier(world)  # the next stage reads this one's checkpoint
+
+
+def train_step(stage, runner, optimizer, micro, step, cfg, run, window):
+    """One optimizer step on this rank's micro-batches -> the gradient norm before clipping."""
+    weights = [batch_weight(stage, b) for b in micro]
+    window.count(sum(batch_tokens(stage, b) for b in micro), sum(batch_flops(stage, b, cfg.num_views) for b in micro))
+    total_weight = all_reduce_sum(torch.tensor(float(sum(weights)), device=run.device), run.world)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+    for k, (batch, weight) in enumerate(zip(micro, weights)):
+        generator = masking_generator(cfg.seed, 0, step, micro_offset(k, run.rank, run.world, run.micro_batch), cfg.num_views)
+        with runner.no_sync() if run.world > 1 and k < run.accum - 1 else nullcontext():  # all-reduce once, at the last
+            with run.autocast:
+                loss, terms = stage_loss(stage, runner, to_device(batch, run.device), generator)
+            # DDP averages gradients over ranks; x world makes it the sum of the weighted micro-batch losses
+            (loss * (weight * run.world / total_weight)).backward()
+        window.add(loss, terms, weight)
+    grad_norm = nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                         cfg.clip if cfg.clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def log_header(log, cfg, stage, run, start, resumed):
+    params = list(stage.model.parameters())
+    where = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type
+    log.line(f"{cfg.stage}: {f'resuming at step {start}' if resumed else 'starting'} | {run.world} process(es) on {where} | "
+             f"global batch {cfg.batch_size} = {run.world} x {run.micro_batch} x {run.accum} accumulation | "
+             f"{sum(p.numel() for p in params if p.requires_grad):,} trainable of {sum(p.numel() for p in params):,} "
+             f"parameters | {len(stage.train_set)} training samples")
+    log.line("config " + json.dumps({"train": asdict(cfg), "model": model_config_dict(stage)}))
+    if cfg.resume and not resumed:
+        log.line(f"{cfg.stage}: --resume, but no checkpoint in {cfg.out} yet: starting from step 0")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv):
+    flat_args, model_args = split_arguments(argv)
+    first = parse_args(flat_args, TrainConfig())
+    if first.stage not in ("",) + STAGES:
+        raise SystemExit(f"--stage must be one of {', '.join(STAGES)} (or absent for all three), got {first.stage!r}")
+    if first.preset not in ("", "tiny", "reference"):
+        raise SystemExit(f"--preset must be 'tiny' or 'reference', got {first.preset!r}")
+    rank, world, device = setup_processes(first.device)
+    try:
+        preset = first.preset or ("reference" if device.type == "cuda" else "tiny")
+        stages = [first.stage] if first.stage else list(STAGES)
+        configs = [stage_config(flat_args, stage, preset, not first.stage) for stage in stages]
+        ensure_data(configs[0].data, preset, rank, world)
+        for cfg in configs:
+            train_stage(cfg, model_args, rank, world, device)
+    except ValueError as error:  # bad input: one line naming the file and the field, no traceback
+        raise SystemExit(f"train.py{f' [rank {rank}]' if world > 1 else ''}: {error}") from None
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
