@@ -101,19 +101,19 @@ PRESET_DEFAULTS = {
     ("tiny", "geo"): dict(),
     ("tiny", "psfm"): dict(),
     ("tiny", "vlm"): dict(batch_size=16),
-    ("reference", "geo"): dict(steps=20000, batch_size=64, num_views=8, samples_per_scene=8, lr=5e-4, warmup=1000,
-                               workers=4, log_every=20, eval_every=1000, eval_samples=256, save_every=1000),
-    ("reference", "psfm"): dict(steps=20000, batch_size=64, num_views=8, samples_per_scene=8, lr=1e-3, warmup=1000,
-                                weight_decay=1e-4, workers=4, log_every=20, eval_every=1000, eval_samples=256,
+    ("reference", "geo"): dict(steps=20000, batch_size=128, num_views=8, samples_per_scene=8, lr=5e-4, warmup=1000,
+                               workers=4, log_every=20, eval_every=1000, eval_samples=512, save_every=1000),
+    ("reference", "psfm"): dict(steps=30000, batch_size=128, num_views=8, samples_per_scene=8, lr=1e-3, warmup=1000,
+                                weight_decay=1e-4, workers=4, log_every=20, eval_every=1000, eval_samples=512,
                                 save_every=1000),
-    ("reference", "vlm"): dict(steps=10000, batch_size=64, lr_lm=5e-4, lr_vision=1e-4, lr_projector=1e-3,
+    ("reference", "vlm"): dict(steps=10000, batch_size=128, lr_lm=5e-4, lr_vision=1e-4, lr_projector=1e-3,
                                lr_adapter=1e-3, lr_spa3r=1e-4, warmup=500, weight_decay=0.1, workers=4, log_every=20,
                                eval_every=1000, eval_samples=512, save_every=1000),
 }
 # The data generated when --data is absent (generate_spar.GenConfig fields)
 DATA_DEFAULTS = {
     "tiny": dict(out="data/spar_tiny", scenes=64, val_scenes=8, views=12, random_views=4, res=32),
-    "reference": dict(out="data/spar", scenes=512, val_scenes=32, res=224),
+    "reference": dict(out="data/spar", scenes=1024, val_scenes=64, res=224),  # ~7.5 GB
 }
 MODEL_SECTIONS = ("geo", "psfm", "lm", "vlm")  # --geo.dim=96 etc.
 

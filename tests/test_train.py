@@ -151,6 +151,33 @@ def test_resume_after_a_kill_while_writing_a_checkpoint_is_exact(single, data_di
     assert not os.path.exists(os.path.join(out, train.STAGING))  # the resumed run's saves cleared it
 
 
+def test_the_two_vlm_variants_start_alike_from_the_earlier_stages(single, data_dir):
+    def build(*extra):
+        flat, sections = train.split_arguments([f"--data={data_dir}", f"--init_geo={os.path.join(single, 'geo')}",
+                                                f"--init_spa3r={os.path.join(single, 'psfm')}", *extra])
+        return train.build_vlm(train.stage_config(flat, "vlm", "tiny", all_stages=False), sections).model
+
+    spa3_vlm, baseline = build(), build("--spa3r=none")
+    geo_state = load_file(os.path.join(single, "geo", "model.safetensors"))
+    for name, value in spa3_vlm.vision.state_dict().items():  # the vision ViT starts as the geo backbone's
+        assert torch.equal(value, geo_state["vit." + name])
+    assert baseline.spa3r is None and baseline.adapter is None
+    full = spa3_vlm.state_dict()
+    for name, value in baseline.state_dict().items():  # everything the baseline has, Spa3-VLM starts with too
+        assert torch.equal(full[name], value), name
+
+
+def test_resuming_a_finished_stage_trains_nothing(single, data_dir, tmp_path):
+    folder = str(tmp_path / "geo")
+    shutil.copytree(os.path.join(single, "geo"), folder)
+    before = load_file(os.path.join(folder, "model.safetensors"))
+    train.main(["--stage=geo", f"--data={data_dir}", f"--out={folder}", "--resume"] + COMMON)
+    assert "already trained to step 4 of 4" in open(os.path.join(folder, "log.txt")).read()
+    after = load_file(os.path.join(folder, "model.safetensors"))
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert [r["step"] for r in metrics(folder) if r["split"] == "train"] == [1, 2, 3, 4]
+
+
 # ----------------------------------------------------------------------------- bad checkpoints
 
 def truncate(path):
