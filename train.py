@@ -13,15 +13,19 @@ Usage:
 
 Every TrainConfig field is a --key=value flag; model sizes are --geo.*, --psfm.*, --lm.* and --vlm.* (fields of
 GeoConfig, Spa3RConfig, LMConfig, VLMConfig). --preset=tiny|reference picks the sizes and the defaults below
-(left empty: reference on CUDA, tiny elsewhere).
+(left empty: reference on CUDA, tiny elsewhere). A part started from an earlier stage takes its config from that
+checkpoint's config.json: psfm's backbone from out/geo, vlm's vision ViT and Spa3R from out/psfm.
+Multi-node: torchrun's own flags (--nnodes, --node_rank, --rdzv_endpoint), with --out on a shared filesystem and
+the data present on every node.
 
 A step is the same whatever the world size. The training samples form one stream: epoch e is a permutation of
 the data seeded by (seed, e), the epochs one after another. Step s takes the next batch_size positions; each rank
 reads micro-batches of micro_batch consecutive positions of them, accumulates gradients (DDP's no_sync on all but
 the last micro-step) and scales each micro-batch's mean loss by its weight (samples; answer tokens for vlm) over
-the step's total weight, so the summed gradient is that of the whole global batch in one process. All per-sample
-randomness (view subsets, PSFM's view masking) comes from the sample's position, never from the rank, and the
-data cursor of a checkpoint is just its step.
+the step's total weight, so the summed gradient is that of the whole global batch in one process (for geo and
+psfm exactly so when samples have equal counts of valid pixels, as generated scenes do: their losses average
+pixels within a micro-batch). All per-sample randomness (view subsets, PSFM's view masking) comes from the
+sample's position, never from the rank, and the data cursor of a checkpoint is just its step.
 
 Reading order: TrainConfig and presets; processes and devices; the sample stream; the three stages (model, data,
 loss, FLOPs); optimizer and schedule; checkpoints; logging; validation; the loop; main.
@@ -47,12 +51,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
-import model as geo_model
-import psfm as psfm_model
 import vlm
 from generate_spar import GenConfig, generate, parse_args, write_atomic
 from model import GeoBackbone, GeoConfig, geo_loss
+from model import flops_per_sample as geo_flops_per_sample
 from psfm import PSFM, Spa3RConfig
+from psfm import flops_per_sample as psfm_flops_per_sample
 
 STAGES = ("geo", "psfm", "vlm")
 
@@ -62,12 +66,12 @@ STAGES = ("geo", "psfm", "vlm")
 @dataclass
 class TrainConfig:
     stage: str = ""             # geo | psfm | vlm; empty: all three in order, each from the one before
-    preset: str = ""            # tiny | reference (model, data and the defaults below); empty: reference on CUDA, else tiny
-    data: str = ""              # data directory, generated if absent; empty: data/spar (reference), data/spar_tiny (tiny)
-    out: str = ""               # checkpoint directory; empty: out/<stage>. Without --stage: the parent of geo/ psfm/ vlm/
+    preset: str = ""            # tiny | reference: model, data and the defaults below; empty: reference on CUDA
+    data: str = ""              # data directory, generated if absent; empty: data/spar, or data/spar_tiny (tiny)
+    out: str = ""               # checkpoint directory; empty: out/<stage>; without --stage: the parent of the three
     resume: bool = False        # continue from the checkpoint in --out (a fresh start when there is none yet)
     init_geo: str = ""          # psfm, and vlm with --spa3r=none: the geo checkpoint; empty: out/geo; "none": random
-    init_spa3r: str = ""        # vlm: the psfm checkpoint giving Spa3R (backbone + encoder) and the vision ViT; empty: out/psfm
+    init_spa3r: str = ""        # vlm: the psfm checkpoint (Spa3R and the vision ViT's start); empty: out/psfm
     spa3r: str = "psfm"         # vlm: "psfm" = Spa3-VLM; "none" = the baseline VLM without the spatial branch
     steps: int = 600            # optimizer steps
     batch_size: int = 8         # global batch (samples per optimizer step), the same for any number of processes
@@ -126,7 +130,8 @@ def split_arguments(argv):
         if dot and "=" not in head:
             section = head.lstrip("-")
             if section not in sections:
-                raise SystemExit(f"unknown argument {arg!r}: model configs are " + ", ".join(f"--{s}.*" for s in sections))
+                known = ", ".join(f"--{s}.*" for s in sections)
+                raise SystemExit(f"unknown argument {arg!r}: model configs are {known}")
             sections[section].append("--" + rest)
         else:
             flat.append(arg)
@@ -169,8 +174,9 @@ def setup_processes(device_name):
     """RANK / LOCAL_RANK / WORLD_SIZE from torchrun's environment (absent: one process) -> (rank, world, device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if not device_name:
-        device_name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() and world == 1 else "cpu"
+    if not device_name:  # MPS only for one process: DDP has no MPS backend
+        mps = torch.backends.mps.is_available() and world == 1
+        device_name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -227,8 +233,8 @@ class RankBatches:
     """DataLoader batch_sampler: this rank's micro-batches, as (epoch, index) lists, for steps start..stop-1."""
 
     def __init__(self, num_samples, batch_size, micro_batch, rank, world, seed, start, stop):
-        self.n, self.B, self.m, self.rank, self.world, self.seed = num_samples, batch_size, micro_batch, rank, world, seed
-        self.start, self.stop = start, stop
+        self.n, self.B, self.m, self.seed = num_samples, batch_size, micro_batch, seed
+        self.rank, self.world, self.start, self.stop = rank, world, start, stop
         self.accum = batch_size // (world * micro_batch)
 
     def __len__(self):
@@ -329,7 +335,7 @@ def build_vlm(cfg, model_args):
     if cfg.spa3r == "none":  # unused without the spatial branch, but VLMConfig (and config.json) holds one
         psfm_config = preset_config(Spa3RConfig, cfg.preset, [], "psfm")
     lm_config = preset_config(vlm.LMConfig, cfg.preset, model_args["lm"], "lm")
-    if not any(a.startswith("--vocab_size") for a in model_args["lm"]):  # the data's tokenizer, padded to a multiple of 64
+    if not any(a.startswith("--vocab_size") for a in model_args["lm"]):  # the data's tokenizer, rounded up to 64s
         lm_config = replace(lm_config, vocab_size=64 * math.ceil(tokenizer.get_vocab_size() / 64))
     config = replace(vlm.VLMConfig(), lm=lm_config, geo=geo_config, psfm=psfm_config, spa3r=cfg.spa3r)
     config = with_overrides(config, model_args["vlm"], "vlm")
@@ -340,9 +346,9 @@ def build_vlm(cfg, model_args):
     lrs = {"lm": cfg.lr_lm, "vision": cfg.lr_vision, "projector": cfg.lr_projector, "adapter": cfg.lr_adapter,
            "spa3r": cfg.lr_spa3r}
     collate = partial(vlm.collate, tokenizer=tokenizer, config=config)
+    res = geo_config.image_size
     return Stage("vlm", model, config, model.param_groups(lrs, cfg.weight_decay),
-                 data.QADataset(cfg.data, "train", geo_config.image_size), data.QADataset(cfg.data, "val", geo_config.image_size),
-                 collate)
+                 data.QADataset(cfg.data, "train", res), data.QADataset(cfg.data, "val", res), collate)
 
 
 BUILDERS = {"geo": build_geo, "psfm": build_psfm, "vlm": build_vlm}
@@ -372,13 +378,13 @@ def batch_tokens(stage, batch):
 
 
 def batch_flops(stage, batch, num_views):
-    """FLOPs of a training step on this micro-batch (forward + backward of the trained parts, forward of frozen ones)."""
+    """FLOPs of a training step on this micro-batch: forward + backward of trained parts, forward of frozen ones."""
     if stage.name == "geo":
-        return len(batch["images"]) * 3 * geo_model.flops_per_sample(stage.config, num_views)
+        return len(batch["images"]) * 3 * geo_flops_per_sample(stage.config, num_views)
     if stage.name == "psfm":
         geo_config, config = stage.config
-        per_sample = geo_model.flops_per_sample(geo_config, num_views) + 3 * psfm_model.flops_per_sample(config, geo_config, num_views)
-        return len(batch["images"]) * per_sample
+        frozen_backbone = geo_flops_per_sample(geo_config, num_views)
+        return len(batch["images"]) * (frozen_backbone + 3 * psfm_flops_per_sample(config, geo_config, num_views))
     per_image = vlm.tokens_per_image(stage.config, *batch["images"].shape[-2:])
     lengths = (batch["input_ids"] != PAD).sum(1).tolist()
     return sum(vlm.flops_per_sample(stage.config, n, t - n * per_image, training=True)
@@ -460,15 +466,16 @@ def read_safetensors(path):
         head = f.read(8)
         header_size = struct.unpack("<Q", head)[0] if len(head) == 8 else size
         if 8 + header_size > size:
-            raise ValueError(f"{path}: truncated or not a safetensors file (header of {header_size} bytes, file of {size})")
+            raise ValueError(f"{path}: truncated or not a safetensors file (header of {header_size} bytes, "
+                             f"file of {size})")
         try:
             header = json.loads(f.read(header_size))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
     for name, spec in header.items():
-        if name != "__metadata__" and 8 + header_size + spec["data_offsets"][1] > size:
-            raise ValueError(f"{path}: truncated: tensor '{name}' needs bytes up to {8 + header_size + spec['data_offsets'][1]}, "
-                             f"the file has {size}")
+        end = 8 + header_size + spec["data_offsets"][1] if name != "__metadata__" else 0
+        if end > size:
+            raise ValueError(f"{path}: truncated: tensor '{name}' needs bytes up to {end}, the file has {size}")
     try:
         return load_file(path)
     except Exception as error:  # safetensors raises its own error type for anything else malformed
@@ -484,7 +491,8 @@ def check_tensors(tensors, shapes, path):
         raise ValueError(f"{path}: unexpected tensor '{extra[0]}' ({len(extra)} unexpected)")
     for name, shape in shapes.items():
         if tuple(tensors[name].shape) != tuple(shape):
-            raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, the model needs {tuple(shape)}")
+            raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
+                             f"the model needs {tuple(shape)}")
 
 
 def load_weights(module, path):
@@ -529,7 +537,8 @@ def load_psfm_checkpoint(folder):
     geo_config = config_from_dict(GeoConfig, saved.get("geo"), path, "geo")
     config = config_from_dict(Spa3RConfig, saved.get("psfm"), path, "psfm")
     state = read_safetensors(os.path.join(folder, "model.safetensors"))
-    check_tensors(state, shapes_of(lambda: PSFM(config, GeoBackbone(geo_config))), os.path.join(folder, "model.safetensors"))
+    shapes = shapes_of(lambda: PSFM(config, GeoBackbone(geo_config)))
+    check_tensors(state, shapes, os.path.join(folder, "model.safetensors"))
     return geo_config, config, state
 
 
@@ -552,7 +561,9 @@ def write_checkpoint(stage, optimizer, cfg, step, num_samples, device, folder):
 
 def model_config_dict(stage):
     """config.json of geo and psfm: GeoConfig, or {"geo": GeoConfig, "psfm": Spa3RConfig} (vlm: VLMConfig)."""
-    return asdict(stage.config) if stage.name != "psfm" else {"geo": asdict(stage.config[0]), "psfm": asdict(stage.config[1])}
+    if stage.name == "psfm":
+        return {"geo": asdict(stage.config[0]), "psfm": asdict(stage.config[1])}
+    return asdict(stage.config)
 
 
 def optimizer_tensors(optimizer):
@@ -593,7 +604,7 @@ def train_state(cfg, step, num_samples, device):
             "data": {"samples_seen": seen, "epoch": seen // num_samples, "train_samples": num_samples}}
 
 
-SAME_ON_RESUME = ("batch_size", "seed", "num_views", "samples_per_scene", "spa3r")  # they define the sample stream and model
+SAME_ON_RESUME = ("batch_size", "seed", "num_views", "samples_per_scene", "spa3r")  # the sample stream and the model
 
 
 def load_checkpoint(cfg, stage, optimizer, device):
@@ -699,7 +710,8 @@ class Window:
         self.paused += seconds
 
     def report(self, world, device, batch_size):
-        """-> ({"loss", term: mean over the window, all ranks}, {seconds_per_step, samples_per_s, tokens_per_s, flops_per_s})."""
+        """-> ({"loss", term: mean over the window and all ranks},
+               {seconds_per_step, samples_per_s, tokens_per_s, flops_per_s})."""
         local = torch.stack([*self.sums.values()]).double()
         extra = torch.tensor([self.weight, self.tokens, self.flops], dtype=torch.float64, device=device)
         reduced = all_reduce_sum(torch.cat([local, extra]), world).tolist()
@@ -778,7 +790,8 @@ def train_stage(cfg, model_args, rank, world, device):
     stage = BUILDERS[cfg.stage](cfg, model_args)
     micro_batch = cfg.micro_batch or cfg.batch_size // world
     if micro_batch < 1 or cfg.batch_size % (world * micro_batch):
-        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of world size x micro-batch = {world} x {micro_batch}")
+        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of world size x micro-batch "
+                         f"= {world} x {micro_batch}")
     use_autocast = cfg.bf16 and device.type == "cuda"
     run = Run(rank, world, device, micro_batch, cfg.batch_size // (world * micro_batch),
               torch.autocast("cuda", torch.bfloat16) if use_autocast else nullcontext())
@@ -794,21 +807,26 @@ def train_stage(cfg, model_args, rank, world, device):
         return
     runner = torch.compile(model) if cfg.compile else model
     if world > 1:
-        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=device_ids)
     sampler = RankBatches(len(stage.train_set), cfg.batch_size, micro_batch, rank, world, cfg.seed, start, cfg.steps)
-    batches = iter(torch.utils.data.DataLoader(EpochItems(stage.train_set), batch_sampler=sampler, collate_fn=stage.collate,
-                                               num_workers=cfg.workers, pin_memory=device.type == "cuda"))
+    batches = iter(torch.utils.data.DataLoader(EpochItems(stage.train_set), batch_sampler=sampler,
+                                               collate_fn=stage.collate, num_workers=cfg.workers,
+                                               pin_memory=device.type == "cuda"))
     peak = peak_flops(torch.cuda.get_device_name(device)) if use_autocast else None
-    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, disable=True if rank else None, mininterval=1, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, mininterval=1, dynamic_ncols=True,
+               disable=True if rank else None)  # None: off when stderr is not a terminal
     window = Window()
     for step in range(start, cfg.steps):
-        grad_norm = train_step(stage, runner, optimizer, [next(batches) for _ in range(run.accum)], step, cfg, run, window)
+        micro = [next(batches) for _ in range(run.accum)]
+        grad_norm = train_step(stage, runner, optimizer, micro, step, cfg, run, window)
         bar.update()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             means, speed = window.report(world, device, cfg.batch_size)
             if not math.isfinite(means["loss"]):
-                raise ValueError(f"{cfg.stage}: the loss is {means['loss']} at step {done}; lower --lr or check the data")
+                raise ValueError(f"{cfg.stage}: the loss is {means['loss']} at step {done}; "
+                                 "lower --lr or check the data")
             log_train_step(log, bar, cfg, done, means, speed, float(grad_norm), peak, world)
         started = time.time()
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
@@ -816,7 +834,8 @@ def train_stage(cfg, model_args, rank, world, device):
             log.line(f"{cfg.stage} step {done}/{cfg.steps} | val loss {val['loss']:.4f} | {term_text(val)}")
             log.metrics({"step": done, "split": "val", **val})
         if rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps):
-            save_checkpoint(cfg.out, partial(write_checkpoint, stage, optimizer, cfg, done, len(stage.train_set), device))
+            write = partial(write_checkpoint, stage, optimizer, cfg, done, len(stage.train_set), device)
+            save_checkpoint(cfg.out, write)
         window.pause(time.time() - started)  # validation and checkpoints do not count against throughput
     bar.close()
     log.line(f"{cfg.stage}: done, checkpoint in {cfg.out}")
@@ -831,7 +850,8 @@ def train_step(stage, runner, optimizer, micro, step, cfg, run, window):
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_factor(step, cfg)
     for k, (batch, weight) in enumerate(zip(micro, weights)):
-        generator = masking_generator(cfg.seed, 0, step, micro_offset(k, run.rank, run.world, run.micro_batch), cfg.num_views)
+        offset = micro_offset(k, run.rank, run.world, run.micro_batch)
+        generator = masking_generator(cfg.seed, 0, step, offset, cfg.num_views)
         with runner.no_sync() if run.world > 1 and k < run.accum - 1 else nullcontext():  # all-reduce once, at the last
             with run.autocast:
                 loss, terms = stage_loss(stage, runner, to_device(batch, run.device), generator)
@@ -848,10 +868,11 @@ def train_step(stage, runner, optimizer, micro, step, cfg, run, window):
 def log_header(log, cfg, stage, run, start, resumed):
     params = list(stage.model.parameters())
     where = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type
-    log.line(f"{cfg.stage}: {f'resuming at step {start}' if resumed else 'starting'} | {run.world} process(es) on {where} | "
-             f"global batch {cfg.batch_size} = {run.world} x {run.micro_batch} x {run.accum} accumulation | "
-             f"{sum(p.numel() for p in params if p.requires_grad):,} trainable of {sum(p.numel() for p in params):,} "
-             f"parameters | {len(stage.train_set)} training samples")
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    log.line(f"{cfg.stage}: {f'resuming at step {start}' if resumed else 'starting'} | {run.world} process(es) on "
+             f"{where} | global batch {cfg.batch_size} = {run.world} x {run.micro_batch} x {run.accum} accumulation | "
+             f"{trainable:,} trainable of {sum(p.numel() for p in params):,} parameters | "
+             f"{len(stage.train_set)} training samples")
     log.line("config " + json.dumps({"train": asdict(cfg), "model": model_config_dict(stage)}))
     if cfg.resume and not resumed:
         log.line(f"{cfg.stage}: --resume, but no checkpoint in {cfg.out} yet: starting from step 0")
