@@ -608,11 +608,13 @@ SAME_ON_RESUME = ("batch_size", "seed", "num_views", "samples_per_scene", "spa3r
 
 
 def load_checkpoint(cfg, stage, optimizer, device):
-    """Restore weights, AdamW and RNG from cfg.out -> the step to continue from."""
+    """Restore weights, AdamW and RNG from cfg.out -> train_state.json's contents (its "step" is where to continue)."""
     state_path = os.path.join(cfg.out, "train_state.json")
     saved = read_json(state_path)
-    if not isinstance(saved.get("step"), int) or not isinstance(saved.get("config"), dict):
-        raise ValueError(f"{state_path}: fields 'step' (int) and 'config' (object) are required")
+    kinds = {"step": int, "config": dict, "rng": dict, "data": dict}
+    for name, kind in kinds.items():
+        if not isinstance(saved.get(name), kind):
+            raise ValueError(f"{state_path}: field '{name}' must be {kind.__name__}, got {saved.get(name)!r:.40}")
     for name in SAME_ON_RESUME:
         if saved["config"].get(name) != getattr(cfg, name):
             raise ValueError(f"{state_path}: field 'config.{name}' is {saved['config'].get(name)!r}, this run has "
@@ -622,7 +624,7 @@ def load_checkpoint(cfg, stage, optimizer, device):
     torch.set_rng_state(decode_bytes(saved["rng"]["torch"]))
     if device.type == "cuda" and "cuda" in saved["rng"]:
         torch.cuda.set_rng_state(decode_bytes(saved["rng"]["cuda"]), device)
-    return saved["step"]
+    return saved
 
 
 # ----------------------------------------------------------------------------- logging
@@ -665,7 +667,7 @@ class Log:
         kept = []
         if start and os.path.exists(self.metrics_path):
             with open(self.metrics_path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+                kept = [line for line in f if is_record_before(line, start)]
         write_atomic(self.metrics_path, "".join(kept).encode())
         if not start:
             write_atomic(self.text_path, b"")
@@ -680,6 +682,14 @@ class Log:
         if self.enabled:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def is_record_before(line, step):
+    """A whole metrics line of a step up to `step` (a kill may have cut the last line short)."""
+    try:
+        return json.loads(line)["step"] <= step
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return False
 
 
 def term_text(terms):
@@ -798,9 +808,10 @@ def train_stage(cfg, model_args, rank, world, device):
     model = stage.model.to(device)
     optimizer = make_optimizer(stage.groups, device)
     resumed = cfg.resume and os.path.exists(os.path.join(cfg.out, "train_state.json"))
-    start = load_checkpoint(cfg, stage, optimizer, device) if resumed else 0
+    saved = load_checkpoint(cfg, stage, optimizer, device) if resumed else None
+    start = saved["step"] if saved else 0
     log = Log(cfg.out, rank, start)
-    log_header(log, cfg, stage, run, start, resumed)
+    log_header(log, cfg, stage, run, saved)
     if start >= cfg.steps:
         log.line(f"{cfg.stage}: already trained to step {start} of {cfg.steps}")
         barrier(world)
@@ -865,17 +876,21 @@ def train_step(stage, runner, optimizer, micro, step, cfg, run, window):
     return grad_norm
 
 
-def log_header(log, cfg, stage, run, start, resumed):
+def log_header(log, cfg, stage, run, saved):
     params = list(stage.model.parameters())
     where = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    log.line(f"{cfg.stage}: {f'resuming at step {start}' if resumed else 'starting'} | {run.world} process(es) on "
+    what = f"resuming at step {saved['step']}" if saved else "starting"
+    log.line(f"{cfg.stage}: {what} | {run.world} process(es) on "
              f"{where} | global batch {cfg.batch_size} = {run.world} x {run.micro_batch} x {run.accum} accumulation | "
              f"{trainable:,} trainable of {sum(p.numel() for p in params):,} parameters | "
              f"{len(stage.train_set)} training samples")
     log.line("config " + json.dumps({"train": asdict(cfg), "model": model_config_dict(stage)}))
-    if cfg.resume and not resumed:
+    if cfg.resume and not saved:
         log.line(f"{cfg.stage}: --resume, but no checkpoint in {cfg.out} yet: starting from step 0")
+    if saved and saved["data"].get("train_samples") != len(stage.train_set):
+        log.line(f"{cfg.stage}: note: the checkpoint saw {saved['data'].get('train_samples')} training samples, "
+                 f"the data now has {len(stage.train_set)}: the run goes on, but not as it would have unchanged")
 
 
 # ----------------------------------------------------------------------------- main

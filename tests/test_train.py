@@ -267,6 +267,15 @@ def test_a_kill_after_the_commit_rolls_forward(tmp_path):
     assert not os.path.exists(commit)
 
 
+def test_resume_keeps_whole_metrics_lines_up_to_its_step(tmp_path):
+    lines = ['{"step": 1, "loss": 2.0}', '{"step": 2, "split": "val"}', '{"step": 3, "loss": 1.0}', '{"step": 4, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))  # the last line cut short by a kill
+    train.Log(str(tmp_path), rank=0, start=3)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:3]
+    train.Log(str(tmp_path), rank=0, start=1)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:1]
+
+
 def test_optimizer_state_round_trips_through_safetensors(tmp_path):
     torch.manual_seed(0)
     layer = torch.nn.Linear(3, 2)
