@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import generate_spar
 import train
 import vlm
-from model import GeoBackbone
+from model import GeoBackbone, geo_loss
 from psfm import sample_context
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,6 +94,29 @@ def test_all_three_stages_write_loadable_checkpoints(single, data_dir):
         log = open(os.path.join(folder, "log.txt")).read()
         assert "samples/s" in log and "ETA" in log and "MFU" not in log  # no known peak on a CPU
     assert "tokens/s" in open(os.path.join(single, "vlm", "log.txt")).read()
+
+
+def val_loss(folder):
+    return [r["loss"] for r in metrics(folder) if r["split"] == "val"][-1]
+
+
+def test_checkpoints_reproduce_the_validation_loss_logged_at_their_step(single, data_dir):
+    """The first 6 held-out samples (scene p % 2), evaluated in one batch outside train.py."""
+    geo_config, geo_state = train.load_geo_checkpoint(os.path.join(single, "geo"))
+    backbone = GeoBackbone(geo_config)
+    backbone.load_state_dict(geo_state)
+    views = train.data.SceneViewsDataset(data_dir, "val", num_views=4, res=32, seed=0)
+    batch = train.data.collate_views([views[p % 2] for p in range(6)])
+    with torch.no_grad():
+        loss, _ = geo_loss(backbone(batch["images"]), batch)
+    assert loss.item() == pytest.approx(val_loss(os.path.join(single, "geo")), rel=1e-5)
+
+    model = vlm.load_for_eval(os.path.join(single, "vlm"), "cpu")
+    questions = train.data.QADataset(data_dir, "val", res=32)
+    batch = vlm.collate([questions[p] for p in range(6)], model.tokenizer, model.config)
+    with torch.no_grad():
+        loss, _ = model(batch)  # the mean over all answer tokens, as train.py weights its micro-batches
+    assert loss.item() == pytest.approx(val_loss(os.path.join(single, "vlm")), rel=1e-5)
 
 
 def test_two_processes_match_one_process(single, ddp):
