@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -197,6 +198,14 @@ def all_reduce_sum(tensor, world):
     if world > 1:
         dist.all_reduce(tensor)
     return tensor
+
+
+# Schedulers and torchrun send SIGTERM before they kill: training then saves at its next log step and stops.
+SIGTERM = {"received": False}
+
+
+def on_sigterm(signum, frame):
+    SIGTERM["received"] = True
 
 
 def ensure_data(data_dir, preset, rank, world):
@@ -721,18 +730,19 @@ class Window:
 
     def report(self, world, device, batch_size):
         """-> ({"loss", term: mean over the window and all ranks},
-               {seconds_per_step, samples_per_s, tokens_per_s, flops_per_s})."""
+               {seconds_per_step, samples_per_s, tokens_per_s, flops_per_s}, whether any rank got SIGTERM)."""
         local = torch.stack([*self.sums.values()]).double()
-        extra = torch.tensor([self.weight, self.tokens, self.flops], dtype=torch.float64, device=device)
+        extra = torch.tensor([self.weight, self.tokens, self.flops, SIGTERM["received"]], dtype=torch.float64,
+                             device=device)
         reduced = all_reduce_sum(torch.cat([local, extra]), world).tolist()
-        weight, tokens, flops = reduced[len(self.sums):]
+        weight, tokens, flops, stop = reduced[len(self.sums):]
         means = {name: value / weight for name, value in zip(self.sums, reduced)}
         seconds = max(time.time() - self.started - self.paused, 1e-9)
         speed = {"seconds_per_step": seconds / self.steps, "samples_per_s": self.steps * batch_size / seconds,
                  "tokens_per_s": tokens / seconds, "flops_per_s": flops / seconds}
         self.reset()
         self.started = time.time()
-        return means, speed
+        return means, speed, stop > 0
 
 
 def log_train_step(log, bar, cfg, step, means, speed, grad_norm, peak, world):
@@ -798,6 +808,9 @@ def train_stage(cfg, model_args, rank, world, device):
             finish_commit(folder)
     barrier(world)
     stage = BUILDERS[cfg.stage](cfg, model_args)
+    for split, dataset in (("training", stage.train_set), ("held-out", stage.val_set)):
+        if len(dataset) == 0 and (split == "training" or cfg.eval_every):
+            raise ValueError(f"{cfg.data}: no {split} samples for stage {cfg.stage}")
     micro_batch = cfg.micro_batch or cfg.batch_size // world
     if micro_batch < 1 or cfg.batch_size % (world * micro_batch):
         raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of world size x micro-batch "
@@ -805,52 +818,68 @@ def train_stage(cfg, model_args, rank, world, device):
     use_autocast = cfg.bf16 and device.type == "cuda"
     run = Run(rank, world, device, micro_batch, cfg.batch_size // (world * micro_batch),
               torch.autocast("cuda", torch.bfloat16) if use_autocast else nullcontext())
-    model = stage.model.to(device)
+    stage.model.to(device)
     optimizer = make_optimizer(stage.groups, device)
     resumed = cfg.resume and os.path.exists(os.path.join(cfg.out, "train_state.json"))
     saved = load_checkpoint(cfg, stage, optimizer, device) if resumed else None
     start = saved["step"] if saved else 0
     log = Log(cfg.out, rank, start)
     log_header(log, cfg, stage, run, saved)
-    if start >= cfg.steps:
+    if start < cfg.steps:
+        run_steps(cfg, stage, run, optimizer, log, start)
+    else:
         log.line(f"{cfg.stage}: already trained to step {start} of {cfg.steps}")
-        barrier(world)
-        return
-    runner = torch.compile(model) if cfg.compile else model
+    barrier(world)  # the next stage reads this one's checkpoint
+
+
+def run_steps(cfg, stage, run, optimizer, log, start):
+    """Steps start..cfg.steps-1 with logging, validation and checkpoints; stops early, saved, on SIGTERM."""
+    rank, world, device = run.rank, run.world, run.device
+    runner = torch.compile(stage.model) if cfg.compile else stage.model
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=device_ids)
-    sampler = RankBatches(len(stage.train_set), cfg.batch_size, micro_batch, rank, world, cfg.seed, start, cfg.steps)
+    num_samples = len(stage.train_set)
+    sampler = RankBatches(num_samples, cfg.batch_size, run.micro_batch, rank, world, cfg.seed, start, cfg.steps)
     batches = iter(torch.utils.data.DataLoader(EpochItems(stage.train_set), batch_sampler=sampler,
                                                collate_fn=stage.collate, num_workers=cfg.workers,
                                                pin_memory=device.type == "cuda"))
-    peak = peak_flops(torch.cuda.get_device_name(device)) if use_autocast else None
+    peak = peak_flops(torch.cuda.get_device_name(device)) if cfg.bf16 and device.type == "cuda" else None
     bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, mininterval=1, dynamic_ncols=True,
                disable=True if rank else None)  # None: off when stderr is not a terminal
     window = Window()
+
+    def save(step):  # rank 0 writes; the others go on and wait for it at their next collective
+        if rank == 0:
+            write = partial(write_checkpoint, stage, optimizer, cfg, step, num_samples, device)
+            save_checkpoint(cfg.out, write)
+
     for step in range(start, cfg.steps):
         micro = [next(batches) for _ in range(run.accum)]
         grad_norm = train_step(stage, runner, optimizer, micro, step, cfg, run, window)
         bar.update()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            means, speed = window.report(world, device, cfg.batch_size)
+            means, speed, stop = window.report(world, device, cfg.batch_size)
             if not math.isfinite(means["loss"]):
                 raise ValueError(f"{cfg.stage}: the loss is {means['loss']} at step {done}; "
                                  "lower --lr or check the data")
             log_train_step(log, bar, cfg, done, means, speed, float(grad_norm), peak, world)
+            if stop:  # every rank learnt it from the same all_reduce, so all stop at this step
+                save(done)
+                log.line(f"{cfg.stage}: SIGTERM: checkpoint of step {done} saved in {cfg.out}; --resume continues")
+                barrier(world)
+                raise SystemExit(f"train.py: stopped by SIGTERM at {cfg.stage} step {done}")
         started = time.time()
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
             val = validate(stage, cfg, run)
             log.line(f"{cfg.stage} step {done}/{cfg.steps} | val loss {val['loss']:.4f} | {term_text(val)}")
             log.metrics({"step": done, "split": "val", **val})
-        if rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps):
-            write = partial(write_checkpoint, stage, optimizer, cfg, done, len(stage.train_set), device)
-            save_checkpoint(cfg.out, write)
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            save(done)
         window.pause(time.time() - started)  # validation and checkpoints do not count against throughput
     bar.close()
     log.line(f"{cfg.stage}: done, checkpoint in {cfg.out}")
-    barrier(world)  # the next stage reads this one's checkpoint
 
 
 def train_step(stage, runner, optimizer, micro, step, cfg, run, window):
@@ -903,6 +932,7 @@ def main(argv):
     if first.preset not in ("", "tiny", "reference"):
         raise SystemExit(f"--preset must be 'tiny' or 'reference', got {first.preset!r}")
     rank, world, device = setup_processes(first.device)
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         preset = first.preset or ("reference" if device.type == "cuda" else "tiny")
         stages = [first.stage] if first.stage else list(STAGES)
@@ -913,6 +943,7 @@ def main(argv):
     except ValueError as error:  # bad input: one line naming the file and the field, no traceback
         raise SystemExit(f"train.py{f' [rank {rank}]' if world > 1 else ''}: {error}") from None
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -5,8 +5,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -26,7 +28,7 @@ COMMON = ["--device=cpu", "--steps=4", "--batch_size=4", "--warmup=2", "--log_ev
 
 def run(args, torchrun=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [])
     return subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -167,7 +169,8 @@ def test_resume_after_a_kill_while_writing_a_checkpoint_is_exact(single, data_di
     straight = os.path.join(single, "psfm")
     # identical losses (steps 1, 2 logged before the kill; 3, 4 and validation after the resume) and weights
     assert losses(out) == losses(straight)
-    resumed, expected = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(straight, "model.safetensors"))
+    resumed = load_file(os.path.join(out, "model.safetensors"))
+    expected = load_file(os.path.join(straight, "model.safetensors"))
     assert resumed.keys() == expected.keys()
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
     assert [r["step"] for r in metrics(out) if r["split"] == "train"] == [1, 2, 3, 4]  # the killed run's 3, 4 dropped
@@ -199,6 +202,25 @@ def test_resuming_a_finished_stage_trains_nothing(single, data_dir, tmp_path):
     after = load_file(os.path.join(folder, "model.safetensors"))
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert [r["step"] for r in metrics(folder) if r["split"] == "train"] == [1, 2, 3, 4]
+
+
+def test_sigterm_saves_at_the_next_log_step_and_stops(data_dir, tmp_path):
+    out = str(tmp_path / "geo")
+    args = ["train.py", "--stage=geo", f"--data={data_dir}", f"--out={out}", "--steps=100000", "--log_every=3",
+            "--save_every=100000", "--eval_every=0", "--device=cpu", "--batch_size=2"]
+    process = subprocess.Popen([sys.executable] + args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    for _ in range(600):  # training has started once the first step is logged
+        if os.path.exists(metrics_path) and os.path.getsize(metrics_path):
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1 and "stopped by SIGTERM at geo step" in stderr, stderr[-2000:]
+    step = json.load(open(os.path.join(out, "train_state.json")))["step"]
+    assert step % 3 == 0 and step == metrics(out)[-1]["step"] < 100000
+    train.load_geo_checkpoint(out)
 
 
 # ----------------------------------------------------------------------------- bad checkpoints
@@ -364,7 +386,8 @@ def test_peak_flops_table(name, peak):
 
 def test_command_line_presets_and_paths():
     flat, sections = train.split_arguments(["--steps=3", "--geo.dim=96", "--lm.n_layers=1", "--data=a.b/c"])
-    assert flat == ["--steps=3", "--data=a.b/c"] and sections["geo"] == ["--dim=96"] and sections["lm"] == ["--n_layers=1"]
+    assert flat == ["--steps=3", "--data=a.b/c"]
+    assert sections["geo"] == ["--dim=96"] and sections["lm"] == ["--n_layers=1"] and sections["psfm"] == []
     with pytest.raises(SystemExit, match="--geo"):
         train.split_arguments(["--gep.dim=3"])
     assert train.with_overrides(train.GeoConfig.tiny(), ["--dim=96", "--num_heads=6"], "geo").dim == 96
@@ -376,8 +399,8 @@ def test_command_line_presets_and_paths():
     assert (cfg.out, cfg.init_geo, cfg.init_spa3r) == (os.path.join("runs/a", "psfm"), os.path.join("runs/a", "geo"),
                                                      os.path.join("runs/a", "psfm"))
     cfg = train.stage_config([], "vlm", "tiny", all_stages=False)
-    assert (cfg.out, cfg.init_spa3r, cfg.data, cfg.batch_size) == (os.path.join("out", "vlm"), os.path.join("out", "psfm"),
-                                                                 "data/spar_tiny", 16)
+    assert (cfg.out, cfg.init_spa3r) == (os.path.join("out", "vlm"), os.path.join("out", "psfm"))
+    assert (cfg.data, cfg.batch_size) == ("data/spar_tiny", 16)  # the tiny data set, the tiny vlm preset
     assert train.stage_config(["--batch_size=5"], "vlm", "reference", all_stages=False).batch_size == 5
     assert train.stage_config([], "geo", "reference", all_stages=False).data == "data/spar"
 
