@@ -163,7 +163,7 @@ def stage_config(flat_args, stage, preset, all_stages):
     cfg.init_spa3r = cfg.init_spa3r or os.path.join(root, "psfm")
     if cfg.spa3r not in ("psfm", "none"):
         raise SystemExit(f"--spa3r must be 'psfm' or 'none', got {cfg.spa3r!r}")
-    for name in ("steps", "batch_size"):
+    for name in ("steps", "batch_size", "log_every", "save_every") + (("eval_samples",) if cfg.eval_every else ()):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     return cfg
@@ -272,11 +272,11 @@ class EpochItems(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def masking_generator(seed, split, step, offset, num_views):
+def masking_generator(seed, step, offset, num_views, validation=False):
     """The CPU generator PSFM draws its view masks from, for a micro-batch starting at `offset` in its step.
     sample_context draws one row of num_views - 1 uniforms per sample, in order, so skipping `offset` rows
     gives every sample the row it gets when the whole batch runs in one process."""
-    generator = torch.Generator().manual_seed(data.hash_seed(seed, split, step))
+    generator = torch.Generator().manual_seed(data.hash_seed(seed, int(validation), step))
     torch.rand(offset, max(num_views - 1, 0), generator=generator)
     return generator
 
@@ -787,7 +787,7 @@ def validate(stage, cfg, run):
     sums, total_weight = 0, 0
     for chunk, batch in zip(mine, loader):
         weight = batch_weight(stage, batch) * counted
-        generator = masking_generator(cfg.seed, 1, 0, chunk[0], cfg.num_views)
+        generator = masking_generator(cfg.seed, 0, chunk[0], cfg.num_views, validation=True)
         with run.autocast:
             loss, terms = stage_loss(stage, stage.model, to_device(batch, run.device), generator)
         names = ["loss", *terms]
@@ -891,7 +891,7 @@ def train_step(stage, runner, optimizer, micro, step, cfg, run, window):
         group["lr"] = group["base_lr"] * lr_factor(step, cfg)
     for k, (batch, weight) in enumerate(zip(micro, weights)):
         offset = micro_offset(k, run.rank, run.world, run.micro_batch)
-        generator = masking_generator(cfg.seed, 0, step, offset, cfg.num_views)
+        generator = masking_generator(cfg.seed, step, offset, cfg.num_views)
         with runner.no_sync() if run.world > 1 and k < run.accum - 1 else nullcontext():  # all-reduce once, at the last
             with run.autocast:
                 loss, terms = stage_loss(stage, runner, to_device(batch, run.device), generator)

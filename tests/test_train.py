@@ -368,11 +368,12 @@ def test_sample_stream_is_split_by_rank_without_repeats():
 
 
 def test_view_masks_depend_on_the_sample_position_only():
-    whole = sample_context(8, 5, 0.5, train.masking_generator(0, 0, 7, 0, 5))
+    whole = sample_context(8, 5, 0.5, train.masking_generator(0, 7, 0, 5))
     for offset in (0, 2, 5):
-        part = sample_context(3, 5, 0.5, train.masking_generator(0, 0, 7, offset, 5))
+        part = sample_context(3, 5, 0.5, train.masking_generator(0, 7, offset, 5))
         assert torch.equal(part, whole[offset:offset + 3])
-    assert not torch.equal(whole, sample_context(8, 5, 0.5, train.masking_generator(0, 0, 8, 0, 5)))
+    assert not torch.equal(whole, sample_context(8, 5, 0.5, train.masking_generator(0, 8, 0, 5)))
+    assert not torch.equal(whole, sample_context(8, 5, 0.5, train.masking_generator(0, 7, 0, 5, validation=True)))
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
