@@ -27,6 +27,10 @@ psfm exactly so when samples have equal counts of valid pixels, as generated sce
 pixels within a micro-batch). All per-sample randomness (view subsets, PSFM's view masking) comes from the
 sample's position, never from the rank, and the data cursor of a checkpoint is just its step.
 
+Checkpoints (out/<stage>: model.safetensors, config.json, optimizer.safetensors, train_state.json) are written
+whole or not at all (a staging folder renamed into place), every save_every steps, at the end, and on SIGTERM
+(what schedulers and torchrun send before a kill) at the next log step; --resume continues bit for bit.
+
 Reading order: TrainConfig and presets; processes and devices; the sample stream; the three stages (model, data,
 loss, FLOPs); optimizer and schedule; checkpoints; logging; validation; the loop; main.
 """
