@@ -29,7 +29,8 @@ sample's position, never from the rank, and the data cursor of a checkpoint is j
 
 Checkpoints (out/<stage>: model.safetensors, config.json, optimizer.safetensors, train_state.json) are written
 whole or not at all (a staging folder renamed into place), every save_every steps, at the end, and on SIGTERM
-(what schedulers and torchrun send before a kill) at the next log step; --resume continues bit for bit.
+(what schedulers and torchrun send before a kill) at the next log step. --resume continues where a checkpoint
+left off: bit for bit on CPU (GPU kernels need not be deterministic).
 
 Reading order: TrainConfig and presets; processes and devices; the sample stream; the three stages (model, data,
 loss, FLOPs); optimizer and schedule; checkpoints; logging; validation; the loop; main.
