@@ -359,6 +359,30 @@ def report(result):
     return "\n".join(lines)
 
 
+def compare(results):
+    """Markdown: several systems side by side per task, level and benchmark, with the chance baselines of the
+    first (all were scored on the same questions). results: {name: what evaluate() returned, or its JSON}."""
+    names, first = list(results), next(iter(results.values()))
+    columns = [(name, results[name]["model"]) for name in names]
+    columns += [("chance (uniform)", first["chance_uniform"]), ("chance (frequency)", first["chance_frequency"])]
+    lines = ["| task | level | n | " + " | ".join(name for name, _ in columns) + " |",
+             "|:--|:--|--:|" + "--:|" * len(columns)]
+    for benchmark, level_tasks in BENCHMARKS.items():
+        if benchmark not in first["model"]["benchmarks"]:
+            continue
+        for level, tasks in level_tasks.items():
+            for task in (t for t in tasks if t in first["counts"]):
+                cells = [_cell(summary, "tasks", task) for _, summary in columns]
+                lines.append(f"| {task} | {level} | {first['counts'][task]} | " + " | ".join(cells) + " |")
+        for level in (level for level in level_tasks if level in first["model"]["levels"]):
+            lines.append(f"| **{level}** | | | " + " | ".join(_cell(s, "levels", level) for _, s in columns) + " |")
+        cells = [_cell(summary, "benchmarks", benchmark) for _, summary in columns]
+        lines.append(f"| **{benchmark}** | | | " + " | ".join(cells) + " |")
+    cells = [("–" if summary is None else f"{summary['overall']:.2f}") for _, summary in columns]
+    lines.append(f"| **overall** | | {first['n_questions']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # Command line: python eval.py --key=value ...
 
@@ -372,6 +396,7 @@ class EvalConfig:
     res: int = 0                # model mode: frames resized to res x res (0: as the scene files store them)
     out: str = ""               # model mode: where predictions.jsonl goes (default: beside json_out, else in ckpt)
     json_out: str = ""          # write every number here as JSON
+    compare: str = ""           # instead: NAME=scores.json,NAME=scores.json (json_out files) -> one side-by-side table
 
 
 def parse_args(argv):
@@ -384,6 +409,8 @@ def parse_args(argv):
         if isinstance(getattr(cfg, key), int) and not value.isdigit():
             raise SystemExit(f"eval.py: --{key} must be a whole number, got {value!r}")
         setattr(cfg, key, type(getattr(cfg, key))(value))
+    if cfg.compare:
+        return cfg
     if bool(cfg.predictions) == bool(cfg.ckpt):
         raise SystemExit("eval.py: give exactly one of --predictions=FILE (score a file) or --ckpt=DIR (run a model)")
     if cfg.batch_size < 1:
@@ -400,6 +427,14 @@ def load_questions(data_dir, split):
 
 def run(cfg, model=None, load_frames=None):
     """Everything `python eval.py` does; model and load_frames stand in for the checkpoint and scene files."""
+    if cfg.compare:
+        results = {}
+        for item in cfg.compare.split(","):
+            name, _, path = item.rpartition("=")
+            with open(path) as f:
+                results[name or path] = json.load(f)
+        print(compare(results))
+        return results
     records = load_questions(cfg.data, cfg.split)
     if cfg.predictions:
         predictions = read_predictions(cfg.predictions, records)

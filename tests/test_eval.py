@@ -174,6 +174,25 @@ def test_only_benchmarks_with_questions_are_printed(tmp_path, capsys):
     assert "## VSI-Bench" in out and "SPAR-Bench" not in out and result["model"]["overall"] == 100
 
 
+def test_compare_puts_systems_side_by_side(tmp_path, capsys):
+    val, preds = synthetic_split()
+    train = [question("t1", "depth_prediction_oc", "4.0")]
+    first, _ = score_file(tmp_path, capsys, val, preds, train)
+    silent, _ = score_file(tmp_path, capsys, val, [], train)
+    table = ev.compare({"good": first, "silent": silent}).splitlines()
+    row = next(line for line in table if line.startswith("| depth_prediction_oc |"))
+    # good 75 (worked out above), silent 0; chance: the train mean 4.0 is right for d2 only -> 50 either way
+    assert row == "| depth_prediction_oc | low | 2 | 75.00 | 0.00 | 50.00 | 50.00 |"
+    # chance overall = mean over the tasks it can score: uniform 50 (depth) and 25 for each of the three
+    # four-option tasks; frequency only knows depth from the training file
+    assert table[-1] == f"| **overall** | | {len(val)} | 70.00 | 0.00 | 31.25 | 50.00 |"
+    # the CLI reads json_out files
+    json.dump(first, open(tmp_path / "a.json", "w"))
+    json.dump(silent, open(tmp_path / "b.json", "w"))
+    ev.run(ev.parse_args([f"--compare=good={tmp_path / 'a.json'},silent={tmp_path / 'b.json'}"]))
+    assert row in capsys.readouterr().out
+
+
 # -----------------------------------------------------------------------------
 # Baselines
 
