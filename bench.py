@@ -1,0 +1,190 @@
+"""bench.py: how fast this machine runs nanoSpa3R, as numbers for the README (never asserted in tests).
+
+Prints the data generator's renderer speed (generate_spar.bench), then for each training stage at a preset: its
+parameters, forward FLOPs per sample, and training samples/s over a few timed steps after warm-up, with the
+achieved TFLOP/s and MFU on CUDA; last, the same as a markdown table. A step is train.train_step itself
+(forward, backward, clipping, AdamW) on a synthetic batch of the stage's shapes, so the figures are the ones
+train.py logs, minus data loading; no data set or checkpoint is needed (weights are random, which costs the
+same). FLOPs are counted by train.batch_flops, i.e. by the flops functions of model.py, psfm.py and vlm.py.
+
+Usage:
+    python bench.py                                    # reference preset on CUDA, tiny elsewhere
+    python bench.py --stages=vlm --vlm_images=8 --compile
+Every BenchConfig field is a --key=value flag.
+"""
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+
+import torch
+from tokenizers import Tokenizer, models
+
+import generate_spar
+import train
+import vlm
+from data import SPECIAL_TOKENS
+from model import GeoBackbone, GeoConfig
+from model import flops_per_sample as geo_flops_per_sample
+from psfm import PSFM, Spa3RConfig
+from psfm import flops_per_sample as psfm_flops_per_sample
+
+
+@dataclass
+class BenchConfig:
+    preset: str = ""            # tiny | reference; empty: reference on CUDA, tiny elsewhere
+    stages: str = "geo,psfm,vlm"
+    batch_size: int = 0         # samples a step; 0: 16 on reference (a GPU's share of its 8-GPU batch), else train's
+    num_views: int = 0          # geo, psfm: views per sample; 0: the preset's (train.PRESET_DEFAULTS)
+    vlm_images: int = 1         # vlm: images per sample
+    vlm_text_tokens: int = 128  # vlm: text tokens per sample, besides the visual ones
+    steps: int = 10             # timed steps
+    warmup: int = 3             # untimed steps first (allocator, cuDNN / SDPA choices, torch.compile)
+    bf16: bool = True           # bf16 autocast on CUDA, as train.py
+    compile: bool = False       # torch.compile the model, as train.py --compile
+    device: str = ""            # cuda | mps | cpu; empty: as train.py picks
+    seed: int = 0
+
+
+def view_batch(B, V, res, num_classes):
+    """A PSFM batch (data.collate_views) of random content: images, depth, K, pose (identity), semantic."""
+    K = torch.tensor([[res, 0, res / 2], [0, res, res / 2], [0, 0, 1.0]])
+    return {"images": torch.rand(B, V, 3, res, res), "depth": 1 + 4 * torch.rand(B, V, res, res),
+            "K": K.repeat(B, V, 1, 1), "pose": torch.eye(4).repeat(B, V, 1, 1),
+            "semantic": torch.randint(num_classes, (B, V, res, res))}
+
+
+def vlm_batch(config, B, num_images, text_tokens):
+    """A vlm.collate batch without padding: the <image> slots, then random text; every position is a target."""
+    res = config.geo.image_size
+    slots = num_images * vlm.tokens_per_image(config, res, res)
+    image_id = SPECIAL_TOKENS.index("<image>")
+    text = torch.randint(len(SPECIAL_TOKENS), config.lm.vocab_size, (B, text_tokens))
+    input_ids = torch.cat([torch.full((B, slots), image_id), text], 1)  # (B, T)
+    return {"input_ids": input_ids, "targets": torch.randint(config.lm.vocab_size, input_ids.shape),
+            "images": torch.rand(B * num_images, 3, res, res), "num_images": torch.full((B,), num_images),
+            "ids": [f"#{i}" for i in range(B)]}
+
+
+def special_tokenizer():
+    """A tokenizer of the chat's special tokens only, at ids 0..6: all SpaVLM looks up (text ids are random)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    return tokenizer
+
+
+def build(name, preset, cfg, bench):
+    """-> (train.Stage with a random model, its synthetic batch, forward FLOPs per sample): what train.BUILDERS
+    make, without the data set and checkpoints they read."""
+    torch.manual_seed(cfg.seed)
+    geo = train.preset_config(GeoConfig, preset, [], "geo")
+    B, V = cfg.batch_size, cfg.num_views
+    if name == "geo":
+        model, config, forward = GeoBackbone(geo), geo, geo_flops_per_sample(geo, V)
+        batch, groups = view_batch(B, V, geo.image_size, 1), train.decay_groups(model, cfg.lr, cfg.weight_decay)
+    elif name == "psfm":
+        spa3r = train.preset_config(Spa3RConfig, preset, [], "psfm")
+        model, config = PSFM(spa3r, GeoBackbone(geo)), (geo, spa3r)
+        forward = geo_flops_per_sample(geo, V) + psfm_flops_per_sample(spa3r, geo, V)
+        batch = view_batch(B, V, geo.image_size, spa3r.num_classes)
+        groups = train.decay_groups(model, cfg.lr, cfg.weight_decay)
+    else:
+        config = vlm.VLMConfig.reference() if preset == "reference" else vlm.VLMConfig.tiny()
+        model = vlm.SpaVLM(config, special_tokenizer())
+        forward = vlm.flops_per_sample(config, bench.vlm_images, bench.vlm_text_tokens)
+        batch = vlm_batch(config, B, bench.vlm_images, bench.vlm_text_tokens)
+        lrs = {"lm": cfg.lr_lm, "vision": cfg.lr_vision, "projector": cfg.lr_projector, "adapter": cfg.lr_adapter,
+               "spa3r": cfg.lr_spa3r}
+        groups = model.param_groups(lrs, cfg.weight_decay)
+    return train.Stage(name, model, config, groups, None, None, None), batch, forward
+
+
+def measure(name, bench, preset, device):
+    """bench.warmup untimed, then bench.steps timed training steps of stage `name` -> a result dict."""
+    defaults = train.stage_config([], name, preset, False)  # the preset's TrainConfig: lr, views, clipping
+    cfg = replace(defaults, compile=bench.compile, bf16=bench.bf16, seed=bench.seed,
+                  batch_size=bench.batch_size or (16 if preset == "reference" else defaults.batch_size),
+                  num_views=bench.num_views or defaults.num_views)
+    stage, batch, forward = build(name, preset, cfg, bench)
+    stage.model.to(device)
+    cuda = device.type == "cuda"
+    if cuda:  # as train.py's DataLoader hands them over
+        batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+        torch.cuda.reset_peak_memory_stats(device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if cfg.bf16 and cuda else nullcontext()
+    run = train.Run(0, 1, device, cfg.batch_size, 1, autocast)
+    optimizer = train.make_optimizer(stage.groups, device)
+    runner = torch.compile(stage.model) if cfg.compile else stage.model
+    for step in range(bench.warmup):
+        train.train_step(stage, runner, optimizer, [batch], step, cfg, run, train.Window())
+    sync = getattr(torch, device.type).synchronize  # torch.cpu.synchronize() is a no-op
+    sync()
+    window = train.Window()  # its clock starts here; it counts samples and train.batch_flops per step
+    for step in range(bench.warmup, bench.warmup + bench.steps):
+        train.train_step(stage, runner, optimizer, [batch], step, cfg, run, window)
+    sync()
+    speed = window.report(1, device, cfg.batch_size)[1] if bench.steps else {}
+    params = list(stage.model.parameters())
+    return {"stage": name, "preset": preset, "batch": cfg.batch_size, "views": cfg.num_views, "forward": forward,
+            "trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params),
+            "samples_per_s": speed.get("samples_per_s"), "flops_per_s": speed.get("flops_per_s"),
+            "memory": torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None}
+
+
+def mfu_text(flops_per_s, device, bf16):
+    """MFU against train.peak_flops, which lists bf16 peaks only; else why there is none."""
+    if device.type != "cuda":
+        return f"no MFU on {device.type}"
+    if not bf16:
+        return "no MFU without bf16"
+    peak = train.peak_flops(torch.cuda.get_device_name(device))
+    if peak is None:
+        return "peak unknown"
+    return f"MFU {100 * flops_per_s / peak:.1f}%" if flops_per_s else "-"
+
+
+def row(r, bench, device):
+    """A result -> the table's cells: stage, preset, batch, params, forward GFLOP/sample, samples/s, TFLOP/s, MFU."""
+    images = f"{bench.vlm_images} image" + "s" * (bench.vlm_images > 1)
+    shape = (f"{r['batch']} x {r['views']} views" if r["stage"] != "vlm" else
+             f"{r['batch']} x ({images} + {bench.vlm_text_tokens} text tokens)")
+    rate = "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.3g}"
+    tflops = "-" if r["flops_per_s"] is None else f"{r['flops_per_s'] / 1e12:.3g}"
+    return [r["stage"], r["preset"], shape, f"{r['trainable'] / 1e6:.2f}M / {r['total'] / 1e6:.2f}M",
+            f"{r['forward'] / 1e9:.3f}", rate, tflops, mfu_text(r["flops_per_s"], device, bench.bf16)]
+
+
+def main(argv):
+    bench = generate_spar.parse_args(argv, BenchConfig())
+    stages = bench.stages.split(",")
+    if not set(stages) <= set(train.STAGES) or bench.preset not in ("", "tiny", "reference"):
+        raise SystemExit(f"--stages must be among {','.join(train.STAGES)} and --preset tiny or reference, "
+                         f"got --stages={bench.stages} --preset={bench.preset}")
+    counts = (bench.steps, bench.warmup, bench.batch_size, bench.num_views, bench.vlm_text_tokens, bench.vlm_images - 1)
+    if min(counts) < 0:
+        raise SystemExit("--steps, --warmup, --batch_size, --num_views, --vlm_text_tokens must be >= 0, "
+                         "--vlm_images >= 1")
+    _, _, device = train.setup_processes(bench.device)  # also sets the TF32 flags train.py uses on CUDA
+    cuda = device.type == "cuda"
+    preset = bench.preset or ("reference" if cuda else "tiny")
+    where = torch.cuda.get_device_name(device) if cuda else f"{device.type}, {torch.get_num_threads()} threads"
+    note = "" if bench.preset or cuda else " (no CUDA; the reference preset takes ~5 s a sample on 2 CPU cores)"
+    print(f"bench.py: {where} | torch {torch.__version__} | preset {preset}{note}")
+    generate_spar.bench()
+    rows = []
+    for name in stages:
+        r = measure(name, bench, preset, device)
+        rows.append(row(r, bench, device))
+        memory = f" | {r['memory']:.1f} GiB peak" if r["memory"] is not None else ""
+        line = "{} {} | batch {} | params {} | forward {} GFLOP/sample | {} samples/s | {} TFLOP/s | {}"
+        print(line.format(*rows[-1]) + memory, flush=True)
+        if cuda:
+            torch.cuda.empty_cache()
+    print(f"\n{where}; a step = forward + backward + AdamW; bf16 {bench.bf16 and cuda}; compile {bench.compile}\n")
+    print("| stage | preset | batch | params (trainable / total) | forward GFLOP/sample | samples/s | TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
