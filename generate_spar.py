@@ -873,22 +873,31 @@ def two_objects(a, multi):
     return v1, [v1, v2], [first[0], second[0]], [v1, v2]
 
 
-def ask_depth_oc(a, multi):
+def one_object(a, multi):
+    """(camera view, images, object, its reference, markers): an object in one view, or for _mv an object
+    marked in image 2 whose depth and distance refer to image 1's camera."""
     if multi:
         picked = one_object_in_second_view(a)
         if picked is None:
             return None
-        cam, other, obj = picked
-        images, markers = [cam, other], []
-        ref = a.mark(obj, other, 1, markers, True)
-        question = f"What is the depth of {ref} from the camera of image 1 (its distance along that camera's viewing direction)?"
+        cam, view, obj = picked
+        images, slot = [cam, view], 1
     else:
         cam, chosen = a.view_with(1)
         if cam is None:
             return None
-        obj, images, markers = chosen[0], [cam], []
-        ref = a.mark(obj, cam, 0, markers, False)
-        question = f"What is the depth of {ref} from the camera (its distance along the viewing direction)?"
+        view, obj, images, slot = cam, chosen[0], [cam], 0
+    markers = []
+    return cam, images, obj, a.mark(obj, view, slot, markers, multi), markers
+
+
+def ask_depth_oc(a, multi):
+    picked = one_object(a, multi)
+    if picked is None:
+        return None
+    cam, images, obj, ref, markers = picked
+    camera = "the camera of image 1" if multi else "the camera"
+    question = f"What is the depth of {ref} from {camera} (its distance along that camera's viewing direction)?"
     depth = world_to_camera(a.views.poses[cam], center(a.objects[obj]))[2]
     return None if depth < 0.3 else finish(question, a.numeric(depth, 2, FILL_METRES), images, markers)
 
@@ -912,21 +921,12 @@ def ask_depth_oo(a, multi):
 
 
 def ask_distance_oc(a, multi):
-    if multi:
-        picked = one_object_in_second_view(a)
-        if picked is None:
-            return None
-        cam, other, obj = picked
-        images, markers = [cam, other], []
-        ref = a.mark(obj, other, 1, markers, True)
-        question = f"How far is {ref} from the camera of image 1 (straight-line distance to its center)?"
-    else:
-        cam, chosen = a.view_with(1)
-        if cam is None:
-            return None
-        obj, images, markers = chosen[0], [cam], []
-        ref = a.mark(obj, cam, 0, markers, False)
-        question = f"How far is {ref} from the camera (straight-line distance to its center)?"
+    picked = one_object(a, multi)
+    if picked is None:
+        return None
+    cam, images, obj, ref, markers = picked
+    camera = "the camera of image 1" if multi else "the camera"
+    question = f"How far is {ref} from {camera} (straight-line distance to its center)?"
     distance = np.linalg.norm(center(a.objects[obj]) - camera_center(a.views.poses[cam]))
     return finish(question, a.numeric(distance, 2, FILL_METRES), images, markers)
 
