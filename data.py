@@ -155,8 +155,9 @@ def resize_views(images, depth, semantic, K, res):
     if (height, width) == (res, res):
         return images, depth, semantic, K
     images = F.interpolate(images, size=(res, res), mode="area" if res < height else "bilinear")
-    depth = F.interpolate(depth[:, None], size=(res, res), mode="nearest")[:, 0]
-    semantic = F.interpolate(semantic[:, None].float(), size=(res, res), mode="nearest")[:, 0].long()
+    # "nearest-exact" samples each output pixel's centre, as the scaled K assumes ("nearest" takes a corner)
+    depth = F.interpolate(depth[:, None], size=(res, res), mode="nearest-exact")[:, 0]
+    semantic = F.interpolate(semantic[:, None].float(), size=(res, res), mode="nearest-exact")[:, 0].long()
     scale = torch.tensor([res / width, res / height, 1.0], dtype=K.dtype)
     return images, depth, semantic, K * scale[None, :, None]
 

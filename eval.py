@@ -393,7 +393,7 @@ class EvalConfig:
     predictions: str = ""       # score this file of {"id", "prediction"} lines ...
     ckpt: str = ""              # ... or run the Spa3-VLM checkpoint in this directory
     batch_size: int = 16        # questions per model.answer call
-    res: int = 0                # model mode: frames resized to res x res (0: as the scene files store them)
+    res: int = 0                # model mode: frames resized to res x res (0: the model's own image size)
     out: str = ""               # model mode: where predictions.jsonl goes (default: beside json_out, else in ckpt)
     json_out: str = ""          # write every number here as JSON
     compare: str = ""           # instead: NAME=scores.json,NAME=scores.json (json_out files) -> one side-by-side table
@@ -440,7 +440,9 @@ def run(cfg, model=None, load_frames=None):
         predictions = read_predictions(cfg.predictions, records)
     else:
         model = model if model is not None else load_model(cfg.ckpt)
-        answers = predict(model, records, load_frames or scene_frames(cfg.data, cfg.res or None), cfg.batch_size)
+        # frames at the resolution the model was trained on (its geo image size), unless --res says otherwise
+        res = cfg.res or getattr(getattr(getattr(model, "config", None), "geo", None), "image_size", None)
+        answers = predict(model, records, load_frames or scene_frames(cfg.data, res), cfg.batch_size)
         path = cfg.out or os.path.join(os.path.dirname(cfg.json_out) if cfg.json_out else cfg.ckpt, "predictions.jsonl")
         write_predictions(path, records, answers)
         print(f"wrote {len(answers)} predictions to {path}")

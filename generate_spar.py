@@ -294,10 +294,11 @@ def sample_scene(rng, scene_id, min_objects=6, max_objects=30):
 
 
 def inside_any_object(point, objects, margin):
-    """True if `point` lies within `margin` of any object's box (a camera there would see the inside)."""
+    """True if `point` lies within `margin` of any object's floor footprint, whatever its height: a person
+    filming stands beside the bed, not above it."""
     for obj in objects:
         local = yaw_matrix(obj["yaw"]).T @ (np.asarray(point) - obj["center"])
-        if np.all(np.abs(local) <= np.asarray(obj["size"]) / 2 + margin):
+        if np.all(np.abs(local[:2]) <= np.asarray(obj["size"][:2]) / 2 + margin):
             return True
     return False
 
@@ -307,28 +308,42 @@ def inside_any_object(point, objects, margin):
 
 
 def free_floor_point(rng, scene, eye_height, margin=0.35):
+    """A random camera position at eye height outside every object's footprint: first with `margin` to spare,
+    then (crowded rooms) with less."""
     half_w, half_d = scene["room"]["size"][0] / 2 - margin, scene["room"]["size"][1] / 2 - margin
-    for _ in range(200):
-        point = np.array([rng.uniform(-half_w, half_w), rng.uniform(-half_d, half_d), eye_height])
-        if not inside_any_object(point, scene["objects"], margin):
-            return point
+    for clearance in (margin, margin / 3, 0.0):
+        for _ in range(100):
+            point = np.array([rng.uniform(-half_w, half_w), rng.uniform(-half_d, half_d), eye_height])
+            if not inside_any_object(point, scene["objects"], clearance):
+                return point
     return np.array([0.0, 0.0, eye_height])
 
 
 def sample_walk(rng, scene, frames, eye_height):
     """An ordered walk through 3 free waypoints, frames evenly spaced along it; the gaze follows the walking
-    direction with a slow sideways pan, as a person filming a room does."""
-    waypoints = np.stack([free_floor_point(rng, scene, eye_height) for _ in range(3)])
+    direction with a slow sideways pan, as a person filming a room does. In a room too crowded for a free path
+    the person stands still and pans."""
+    for _ in range(30):  # a path whose every 5 cm stays off the furniture
+        waypoints = np.stack([free_floor_point(rng, scene, eye_height) for _ in range(3)])
+        path = np.concatenate([np.linspace(a, b, int(np.linalg.norm(b - a) / 0.05) + 2)
+                               for a, b in zip(waypoints[:-1], waypoints[1:])])
+        if not any(inside_any_object(p, scene["objects"], 0.05) for p in path):
+            break
+    else:
+        waypoints = np.stack([waypoints[0]] * 3)
     segments = np.linalg.norm(np.diff(waypoints, axis=0), axis=1) + 1e-6
     arc = np.concatenate([[0.0], np.cumsum(segments)])
     pitch = math.radians(rng.uniform(-25, -8))
     pan_phase, pan_amp = rng.uniform(0, 2 * math.pi), math.radians(rng.uniform(20, 50))
     poses = []
-    for s in np.linspace(0, arc[-1], frames):
+    pan_cycles = max(arc[-1] / 4.0, 1.0)  # one sideways sweep per 4 m walked, at least one per video
+    for frame, s in enumerate(np.linspace(0, arc[-1], frames)):
         k = min(int(np.searchsorted(arc, s, side="right")) - 1, len(segments) - 1)
         position = waypoints[k] + (waypoints[k + 1] - waypoints[k]) * (s - arc[k]) / segments[k]
         direction = waypoints[k + 1] - waypoints[k]
-        yaw = math.atan2(direction[1], direction[0]) + pan_amp * math.sin(pan_phase + 2 * math.pi * s / 4.0)
+        progress = frame / max(frames - 1, 1)
+        pan = pan_amp * math.sin(pan_phase + 2 * math.pi * pan_cycles * progress)
+        yaw = math.atan2(direction[1], direction[0]) + pan
         poses.append(look_pose(position, yaw, pitch))
     return poses
 
@@ -1579,9 +1594,10 @@ def draw_markers(image, markers, slot):
     radius = max(2.0, width / 60)
     for marker in (m for m in markers if m["image"] == slot):
         color = np.array(MARKER_RGB[marker["color"]], dtype=np.uint8)
-        x0, y0, x1, y1 = (int(round(c * size / 1000)) for c, size in zip(marker["box"], (width, height) * 2))
-        image[y0:y1, [min(x0, width - 1), max(x1 - 1, 0)]] = color
-        image[[min(y0, height - 1), max(y1 - 1, 0)], x0:x1] = color
+        if "box" in marker:  # optional: converted benchmark records may mark points only
+            x0, y0, x1, y1 = (int(round(c * size / 1000)) for c, size in zip(marker["box"], (width, height) * 2))
+            image[y0:y1, [min(x0, width - 1), max(x1 - 1, 0)]] = color
+            image[[min(y0, height - 1), max(y1 - 1, 0)], x0:x1] = color
         px, py = marker["point"][0] * width / 1000 - 0.5, marker["point"][1] * height / 1000 - 0.5
         distance = np.hypot(u - px, v - py)
         image[distance <= radius + 1.5] = 0

@@ -304,6 +304,24 @@ def test_model_mode_writes_predictions_that_score_the_same(tmp_path, capsys):
     assert rescored["model"] == result["model"]
 
 
+def test_model_mode_feeds_frames_at_the_models_image_size(tmp_path, capsys, monkeypatch):
+    asked = []
+
+    def fake_scene_frames(data_dir, res):
+        asked.append(res)
+        return frames
+
+    class Sized(Oracle):
+        config = type("Config", (), {"geo": type("Geo", (), {"image_size": 48})})
+
+    monkeypatch.setattr(ev, "scene_frames", fake_scene_frames)
+    val, _ = synthetic_split()
+    cfg = ev.EvalConfig(data=data_dir(tmp_path, val), ckpt=str(tmp_path / "ckpt"), json_out=str(tmp_path / "s.json"))
+    ev.run(cfg, model=Sized())
+    ev.run(ev.EvalConfig(**{**cfg.__dict__, "res": 96}), model=Sized())
+    assert asked == [48, 96]
+
+
 # -----------------------------------------------------------------------------
 # VSI-Bench records and the command line
 

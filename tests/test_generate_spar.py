@@ -314,6 +314,23 @@ def test_closest_box_distance_matches_dense_sampling():
         assert g.closest_box_distance(a, b) <= brute + 1e-9
 
 
+def test_cameras_never_stand_inside_an_object_footprint():
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        scene = g.sample_scene(rng, "s")
+        _, poses = g.sample_cameras(rng, scene, 6, 3, 16)
+        for pose in poses:
+            for obj in scene["objects"]:
+                local = g.yaw_matrix(obj["yaw"]).T @ (pose[:3, 3] - obj["center"])
+                assert np.any(np.abs(local[:2]) > np.array(obj["size"][:2]) / 2), (seed, obj["category"])
+
+
+def test_markers_without_a_box_draw_only_the_point():
+    image = np.zeros((20, 20, 3), np.uint8)
+    drawn = g.draw_markers(image, [{"image": 0, "color": "red", "point": [500, 500]}], 0)
+    assert (drawn[10, 10] == [255, 0, 0]).all() and drawn[0, 0].sum() == 0
+
+
 def test_numeric_distractors_are_spread_and_in_range():
     rng = np.random.default_rng(0)
     for truth in (0.8, 2.37, 14.0):
