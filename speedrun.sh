@@ -29,9 +29,9 @@ case $SIZE in
     COMMON="--preset=tiny --log_every=10 --eval_every=0 --save_every=1000"
     GEO="--steps=15"; PSFM="--steps=15"; VLM="--steps=15 --batch_size=8" ;;
   cpu)
-    DATA="--scenes=96 --val_scenes=12 --views=12 --random_views=4 --res=32 --qa_per_task=3 --vocab_size=1024"
+    DATA="--scenes=96 --val_scenes=16 --views=12 --random_views=4 --res=32 --qa_per_task=3 --vocab_size=1024"
     COMMON="--preset=tiny --log_every=50 --eval_every=0 --save_every=1000"
-    GEO="--steps=600"; PSFM="--steps=600"; VLM="--steps=800 --batch_size=32" ;;
+    GEO="--steps=600"; PSFM="--steps=600"; VLM="--steps=1200 --batch_size=32" ;;
   gpu)
     DATA="--scenes=512 --val_scenes=32 --res=224 --workers=8"
     COMMON="--preset=reference --log_every=20 --eval_every=500 --save_every=500"
