@@ -5,7 +5,7 @@
 #   Spa3R branch, and --spa3r=none at equal steps) -> eval.py on held-out scenes for both -> OUT/report.md
 #
 # Usage: bash speedrun.sh [--size=cpu|gpu|test] [--out=DIR]       (or SIZE=... OUT=... bash speedrun.sh)
-#   cpu   the default: tiny models on a small data set, about 10 minutes on a 2-core CPU
+#   cpu   the default: tiny models on a small data set, about 8 minutes on a 2-core CPU
 #   gpu   reference-size models and data for one GPU (not yet run on a GPU: budgets are estimates)
 #   test  a smaller still version that the test suite runs
 # Every size runs the same code; only the numbers below differ.
