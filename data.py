@@ -212,16 +212,17 @@ def scene_ids(data_dir, split):
 
 class SceneViewsDataset(torch.utils.data.Dataset):
     """Item i: `num_views` distinct views of scene i % n_scenes, chosen by a generator seeded with
-    (seed, epoch, i), so the same seed and epoch give the same samples on any machine and any rank.
+    (seed, epoch, i), so the same seed and epoch give the same samples on any machine and any rank:
+    any of the scene's views (view_sampling="random") or a window of consecutive video frames ("walk").
     View 0 of a sample is the reference view whose camera frame the models use as the scene frame."""
 
-    def __init__(self, data_dir, split="train", num_views=4, res=None, seed=0, samples_per_scene=1):
+    def __init__(self, data_dir, split="train", num_views=4, res=None, seed=0, samples_per_scene=1, view_sampling="random"):
         self.store = SceneStore(data_dir)
         self.ids = scene_ids(data_dir, split)
         if not self.ids:
             raise ValueError(f"{data_dir}: no scenes in split '{split}'")
         self.num_views, self.res, self.seed, self.epoch = num_views, res, seed, 0
-        self.samples_per_scene = samples_per_scene
+        self.samples_per_scene, self.view_sampling = samples_per_scene, view_sampling
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -236,7 +237,13 @@ class SceneViewsDataset(torch.utils.data.Dataset):
         if total < self.num_views:
             raise ValueError(f"{scene_id}: has {total} views, {self.num_views} requested")
         generator = torch.Generator().manual_seed(hash_seed(self.seed, self.epoch, index))
-        views = torch.randperm(total, generator=generator)[:self.num_views].numpy()
+        walk = scene["meta"]["video_frames"]
+        if self.view_sampling == "walk" and walk >= self.num_views:
+            # a window of consecutive video frames in random order: views that overlap, as VGGT trains on
+            first = int(torch.randint(0, walk - self.num_views + 1, (1,), generator=generator))
+            views = (first + torch.randperm(self.num_views, generator=generator)).numpy()
+        else:
+            views = torch.randperm(total, generator=generator)[:self.num_views].numpy()
         images = torch.from_numpy(scene["rgb"][views]).permute(0, 3, 1, 2).float() / 255  # (V, 3, H, W)
         depth = torch.from_numpy(scene["depth"][views])  # (V, H, W)
         semantic = torch.from_numpy(semantic_map(scene["instance"][views], scene["meta"]["objects"]))
@@ -261,17 +268,49 @@ def collate_views(items):
 
 
 # -----------------------------------------------------------------------------
+# The oracle arm of the ablation: the true 3D quantities a perfect spatial encoder could hand the VLM, as
+# tokens in the first image's camera frame (the frame Spa3R's latent lives in). If a VLM given these cannot
+# beat the baseline, the setup cannot detect a useful latent at all.
+
+ORACLE_CAMERAS, ORACLE_OBJECTS = 32, 32
+# per token: kind (room, camera, object), position (3), direction or size (3), slot or area, marker, category
+ORACLE_DIM = 3 + 3 + 3 + 2 + len(CATEGORY_NAMES)
+
+
+def oracle_tokens(meta, poses, record):
+    """(1 + ORACLE_CAMERAS + ORACLE_OBJECTS, ORACLE_DIM) float32: a room token (its size and floor area / 10 m²),
+    a token per image (camera centre, optical axis and image slot / 8), a token per object (centre, size,
+    category, and 1 + the index of the record's marker on it, else 0); positions in the first image's camera
+    frame (OpenCV axes, metres); unused rows are zero."""
+    tokens = np.zeros((1 + ORACLE_CAMERAS + ORACLE_OBJECTS, ORACLE_DIM), np.float32)
+    to_first = np.linalg.inv(poses[record["image"][0]].astype(np.float64))
+    tokens[0, 0], tokens[0, 6:9], tokens[0, 9] = 1, meta["room"]["size"], meta["room"]["floor_area"] / 10
+    for slot, frame in enumerate(record["image"][:ORACLE_CAMERAS]):
+        pose = to_first @ poses[frame]
+        tokens[1 + slot, 1], tokens[1 + slot, 3:6], tokens[1 + slot, 6:9] = 1, pose[:3, 3], pose[:3, 2]
+        tokens[1 + slot, 9] = slot / 8
+    marker_of = {m["object"]: i for i, m in enumerate(record.get("markers", [])) if "object" in m}
+    for k, obj in enumerate(meta["objects"][:ORACLE_OBJECTS]):
+        row = tokens[1 + ORACLE_CAMERAS + k]
+        row[2], row[3:6], row[6:9] = 1, (to_first @ [*obj["center"], 1.0])[:3], obj["size"]
+        row[10] = marker_of.get(k, -1) + 1
+        if obj["category"] in CATEGORY_NAMES:
+            row[11 + CATEGORY_NAMES.index(obj["category"])] = 1
+    return torch.from_numpy(tokens)
+
+
+# -----------------------------------------------------------------------------
 # Stage vlm: the images of a question, the question and its answer
 
 
 class QADataset(torch.utils.data.Dataset):
     """Item: {"id", "task", "images" (N,3,H,W) in [0,1] with the question's markers drawn, "question", "answer",
-    "record"}. The chat template and tokenisation belong to vlm.py."""
+    "record"}, and with oracle=True "oracle" (oracle_tokens). The chat template and tokenisation belong to vlm.py."""
 
-    def __init__(self, data_dir, split="train", res=None, markers=True):
+    def __init__(self, data_dir, split="train", res=None, markers=True, oracle=False):
         self.path = os.path.join(data_dir, f"qa_{split}.jsonl")
         self.records = load_qa_jsonl(self.path)
-        self.store, self.res, self.markers = SceneStore(data_dir), res, markers
+        self.store, self.res, self.markers, self.oracle = SceneStore(data_dir), res, markers, oracle
 
     def __len__(self):
         return len(self.records)
@@ -285,8 +324,12 @@ class QADataset(torch.utils.data.Dataset):
                                        record.get("markers") if self.markers else None)
         except ValueError as error:
             raise ValueError(f"{self.path}: record {record['id']!r} (field 'scene' / 'image'): {error}") from None
-        return {"id": record["id"], "task": record["task"], "images": images, "question": record["question"],
+        item = {"id": record["id"], "task": record["task"], "images": images, "question": record["question"],
                 "answer": record["answer"], "record": record}
+        if self.oracle:  # the ablation's oracle arm: true 3D tokens (see oracle_tokens)
+            scene = self.store.scene(record["scene"])
+            item["oracle"] = oracle_tokens(scene["meta"], scene["pose"], record)
+        return item
 
 
 # -----------------------------------------------------------------------------

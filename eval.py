@@ -268,16 +268,29 @@ def scene_frames(data_dir, res=None):
     return lambda record: store.frames(record["scene"], record["image"], res, markers=record.get("markers"))
 
 
-def predict(model, records, load_frames, batch_size=16):
+def scene_oracle(data_dir):
+    """load_oracle for predict: the oracle arm's true 3D tokens of a record (data.oracle_tokens)."""
+    import data
+    store = data.SceneStore(data_dir)
+
+    def load_oracle(record):
+        scene = store.scene(record["scene"])
+        return data.oracle_tokens(scene["meta"], scene["pose"], record)
+    return load_oracle
+
+
+def predict(model, records, load_frames, batch_size=16, load_oracle=None):
     """One answer string per record, asking model.answer(records, images) a batch at a time, in record order.
-    images[i] is load_frames(records[i]), float32 (N_i, 3, H, W) in [0, 1]; N_i differs between records."""
+    images[i] is load_frames(records[i]), float32 (N_i, 3, H, W) in [0, 1]; N_i differs between records.
+    load_oracle: the oracle arm's tokens of a record, passed as model.answer(..., oracle=[...])."""
     import torch
     from tqdm import tqdm
     answers = []
     with torch.no_grad():
         for start in tqdm(range(0, len(records), batch_size), desc="eval", unit="batch"):
             batch = records[start:start + batch_size]
-            out = model.answer(batch, [load_frames(record) for record in batch])
+            extra = {"oracle": [load_oracle(record) for record in batch]} if load_oracle else {}
+            out = model.answer(batch, [load_frames(record) for record in batch], **extra)
             if len(out) != len(batch) or not all(isinstance(a, str) for a in out):
                 raise ValueError(f"model.answer must return {len(batch)} strings, got {out!r:.200}")
             answers.extend(out)
@@ -315,17 +328,42 @@ def from_vsibench(row):
 # -----------------------------------------------------------------------------
 # Scoring a split and reporting it
 
+# -----------------------------------------------------------------------------
+# Paired comparisons: is system A better than system B on the same questions?
+
+def paired_bootstrap(differences, strata=None, samples=2000, seed=0):
+    """Mean of per-item differences and its 95 % percentile bootstrap interval: (mean, low, high).
+    Items are resampled with replacement; with strata (one label per item) they are resampled within each
+    stratum and the mean is the mean over strata, as a benchmark's overall is the mean over its tasks."""
+    import numpy as np
+    d = np.asarray(differences, dtype=np.float64)
+    labels = np.zeros(len(d), dtype=int) if strata is None else np.unique(strata, return_inverse=True)[1]
+    rng = np.random.default_rng(seed)
+    means = np.zeros(samples)
+    for k in range(labels.max() + 1):
+        group = d[labels == k]
+        means += group[rng.integers(0, len(group), (samples, len(group)))].mean(1)
+    means /= labels.max() + 1
+    point = np.mean([d[labels == k].mean() for k in range(labels.max() + 1)])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(point), float(low), float(high)
+
+
 def evaluate(records, predictions, train=None):
     """Every number of the report: the model's summary, the baselines' (None without training questions),
     question counts per task and how many questions had no prediction."""
     scores = [score_record(r, predictions.get(r["id"])) for r in records]
+    frequency = chance_frequency(train, records) if train else None
     return {
         "n_questions": len(records),
         "n_missing": sum(r["id"] not in predictions for r in records),
         "counts": dict(Counter(r["task"] for r in records)),
         "model": summarize(records, scores),
+        "scores": {r["id"]: score for r, score in zip(records, scores)},
+        "tasks_of": {r["id"]: r["task"] for r in records},
         "chance_uniform": summarize(records, chance_uniform(train, records)) if train else None,
-        "chance_frequency": summarize(records, chance_frequency(train, records)) if train else None,
+        "chance_frequency": summarize(records, frequency) if train else None,
+        "chance_frequency_scores": {r["id"]: f for r, f in zip(records, frequency)} if train else None,
     }
 
 
@@ -383,6 +421,83 @@ def compare(results):
     return "\n".join(lines)
 
 
+# The tasks that need 3D: metric depth and distance across views, how the camera moved, the room's size
+THREE_D_TASKS = ["depth_prediction_oc_mv", "depth_prediction_oo_mv", "distance_prediction_oc_mv",
+                 "distance_prediction_oo_mv", "distance_infer_center_oo_mv", "camera_motion_infer", "view_change_infer",
+                 "room_size_estimation"]
+
+
+def chance_gate(result):
+    """A gate row (as train.py writes them) of an evaluate() result: the model's per-question score vs always
+    answering the task's most frequent training answer, on the questions that baseline covers, in points."""
+    ids = [q for q, f in (result.get("chance_frequency_scores") or {}).items() if f is not None]
+    if not ids:
+        return None
+    strata = [result["tasks_of"][q] for q in ids]
+    diff, lo, hi = paired_bootstrap([100 * (result["scores"][q] - result["chance_frequency_scores"][q]) for q in ids], strata)
+    model, _, _ = paired_bootstrap([100 * result["scores"][q] for q in ids], strata)
+    return {"gate": "held-out score (points)", "model": model, "baseline": model - diff,
+            "baseline_name": "chance (frequency)", "diff": diff, "lo": lo, "hi": hi, "n": len(ids), "pass": lo > 0}
+
+
+def gates_table(sources):
+    """Markdown: the gates of each run with PASS / FAIL. sources [(run name, path)]: a metrics.jsonl written by
+    train.py (its last "gates" record) or an eval JSON (the score vs chance (frequency) gate)."""
+    from data import read_jsonl
+    lines = ["| run | gate | model | baseline | difference [95 % CI] | |", "|:--|:--|--:|:--|:--|:--|"]
+    for name, path in sources:
+        if path.endswith(".jsonl"):
+            logged = [row for _, row in read_jsonl(path) if row.get("split") == "gates"]
+            rows = logged[-1]["gates"] if logged else [None]
+        else:
+            rows = [chance_gate(read_json(path))]
+        for row in rows:
+            if row is None:
+                lines.append(f"| {name} | no gate measured | | | | FAIL |")
+                continue
+            lines.append(f"| {name} | {row['gate']} | {row['model']:.4f} | {row['baseline_name']} "
+                         f"{row['baseline']:.4f} | {row['diff']:+.4f} [{row['lo']:+.4f}, {row['hi']:+.4f}] | "
+                         f"{'PASS' if row['pass'] else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def ablation(arms):
+    """Markdown: the headline ablation. arms {name: [evaluate() results or their JSON, one per seed]}, all on the
+    same questions; the first arm is the reference. Per arm: overall per seed and their mean; then, with each
+    question's score averaged over the seeds, the mean difference to the reference and its paired bootstrap
+    95 % interval (questions resampled within tasks), overall and on THREE_D_TASKS, in points."""
+    names = list(arms)
+    reference = names[0]
+    per_question = {name: {} for name in names}
+    for name, results in arms.items():
+        for qid in results[0]["scores"]:
+            per_question[name][qid] = sum(r["scores"][qid] for r in results) / len(results)
+    ids = list(per_question[reference])
+    tasks = {qid: task for qid, task in arms[reference][0]["tasks_of"].items()}
+    lines = [f"| arm | seeds | overall per seed | overall | vs {reference}: overall [95 % CI] | 3D tasks | "
+             f"vs {reference}: 3D tasks [95 % CI] |", "|:--|--:|:--|--:|:--|--:|:--|"]
+    for name in names:
+        overall = [r["model"]["overall"] for r in arms[name]]
+        cells = [name, str(len(overall)), ", ".join(f"{o:.2f}" for o in overall), f"{sum(overall) / len(overall):.2f}"]
+        for subset in (ids, [q for q in ids if tasks[q] in THREE_D_TASKS]):
+            strata = [tasks[q] for q in subset]
+            mean, _, _ = paired_bootstrap([100 * per_question[name][q] for q in subset], strata)
+            if name == reference:
+                cells += ["–"] if subset is ids else [f"{mean:.2f}", "–"]
+                continue
+            diff = [100 * (per_question[name][q] - per_question[reference][q]) for q in subset]
+            d, lo, hi = paired_bootstrap(diff, strata)
+            verdict = "better" if lo > 0 else "worse" if hi < 0 else "no difference"
+            cells += [f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] {verdict}"] if subset is ids else \
+                     [f"{mean:.2f}", f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] {verdict}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for row, name in zip(lines[3:], names[1:]):
+        overall, three_d = row.strip("| ").split(" | ")[4], row.strip("| ").split(" | ")[6]
+        lines.append(f"- {name} vs {reference}: overall {overall}; on the 3D tasks {three_d}.")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # Command line: python eval.py --key=value ...
 
@@ -397,6 +512,8 @@ class EvalConfig:
     out: str = ""               # model mode: where predictions.jsonl goes (default: beside json_out, else in ckpt)
     json_out: str = ""          # write every number here as JSON
     compare: str = ""           # instead: NAME=scores.json,NAME=scores.json (json_out files) -> one side-by-side table
+    ablation: str = ""          # instead: NAME=seed0.json+seed1.json+...,NAME=... -> paired intervals vs the first
+    gates: str = ""             # instead: NAME=metrics.jsonl or eval.json,... -> the gates table with PASS / FAIL
 
 
 def parse_args(argv):
@@ -409,7 +526,7 @@ def parse_args(argv):
         if isinstance(getattr(cfg, key), int) and not value.isdigit():
             raise SystemExit(f"eval.py: --{key} must be a whole number, got {value!r}")
         setattr(cfg, key, type(getattr(cfg, key))(value))
-    if cfg.compare:
+    if cfg.compare or cfg.ablation or cfg.gates:
         return cfg
     if bool(cfg.predictions) == bool(cfg.ckpt):
         raise SystemExit("eval.py: give exactly one of --predictions=FILE (score a file) or --ckpt=DIR (run a model)")
@@ -420,6 +537,11 @@ def parse_args(argv):
     return cfg
 
 
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_questions(data_dir, split):
     import data
     return data.load_qa_jsonl(os.path.join(data_dir, f"qa_{split}.jsonl"))
@@ -427,12 +549,21 @@ def load_questions(data_dir, split):
 
 def run(cfg, model=None, load_frames=None):
     """Everything `python eval.py` does; model and load_frames stand in for the checkpoint and scene files."""
+    if cfg.gates:
+        print(gates_table([item.rpartition("=")[::2] for item in cfg.gates.split(",")]))
+        return None
+    if cfg.ablation:
+        arms = {}
+        for item in cfg.ablation.split(","):
+            name, _, paths = item.rpartition("=")
+            arms[name or paths] = [read_json(path) for path in paths.split("+")]
+        print(ablation(arms))
+        return arms
     if cfg.compare:
         results = {}
         for item in cfg.compare.split(","):
             name, _, path = item.rpartition("=")
-            with open(path) as f:
-                results[name or path] = json.load(f)
+            results[name or path] = read_json(path)
         print(compare(results))
         return results
     records = load_questions(cfg.data, cfg.split)
@@ -442,7 +573,9 @@ def run(cfg, model=None, load_frames=None):
         model = model if model is not None else load_model(cfg.ckpt)
         # frames at the resolution the model was trained on (its geo image size), unless --res says otherwise
         res = cfg.res or getattr(getattr(getattr(model, "config", None), "geo", None), "image_size", None)
-        answers = predict(model, records, load_frames or scene_frames(cfg.data, res), cfg.batch_size)
+        oracle = getattr(getattr(model, "config", None), "spa3r", None) == "oracle"
+        answers = predict(model, records, load_frames or scene_frames(cfg.data, res), cfg.batch_size,
+                          scene_oracle(cfg.data) if oracle else None)
         path = cfg.out or os.path.join(os.path.dirname(cfg.json_out) if cfg.json_out else cfg.ckpt, "predictions.jsonl")
         write_predictions(path, records, answers)
         print(f"wrote {len(answers)} predictions to {path}")

@@ -304,13 +304,12 @@ class PSFM(nn.Module):
                 rays, prope = camera_rays(K, uv), self.decoder.prope(*prope_matrices(K, pose, H, W), (H // p, W // p))
         return self.decoder(latent, rays, prope)
 
-    def losses(self, batch, generator=None):
-        """{term: scalar}: geo/l1, geo/cos, sem/l1, sem/cos, depth_probe. generator (CPU) drives the masking."""
+    def context_pass(self, batch, generator=None):
+        """The frozen backbone over all views (context views see only context views), the latent of the context
+        views, and the query cameras of every view -> (context (B, V) bool, targets (B, V, N, Dg), latent, K, pose)."""
         c = self.config
-        check_batch(batch, ["depth", "K", "pose", "semantic"])
         images = batch["images"]
-        B, V, _, H, W = images.shape
-        p = self.backbone.config.patch_size
+        B, V = images.shape[:2]
         context = sample_context(B, V, c.mask_ratio, generator).to(images.device)
         with torch.no_grad():  # one pass: context views see only context views, masked views see all
             geo = self.backbone(images, context)
@@ -320,6 +319,15 @@ class PSFM(nn.Module):
             K, pose = batch["K"], relative_to_view0(batch["pose"])
         else:
             K, pose = geo["K"], geo["pose"]
+        return context, targets, latent, K, pose
+
+    def losses(self, batch, generator=None):
+        """{term: scalar}: geo/l1, geo/cos, sem/l1, sem/cos, depth_probe. generator (CPU) drives the masking."""
+        c = self.config
+        check_batch(batch, ["depth", "K", "pose", "semantic"])
+        H, W = batch["images"].shape[-2:]
+        p = self.backbone.config.patch_size
+        context, targets, latent, K, pose = self.context_pass(batch, generator)
         field = self.decode(latent, K, pose, (H, W))  # (B, V, N, D)
         sem, sem_valid = semantic_field(batch["semantic"], p, c.num_classes)
         log_depth, depth_valid = patch_log_depth(batch["depth"], p)

@@ -53,15 +53,17 @@ from functools import lru_cache, partial
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
 import vlm
 from generate_spar import GenConfig, generate, parse_args, write_atomic
-from model import GeoBackbone, GeoConfig, geo_loss
+from eval import paired_bootstrap
+from model import GeoBackbone, GeoConfig, geo_loss, init_weights, relative_to_view0
 from model import flops_per_sample as geo_flops_per_sample
-from psfm import PSFM, Spa3RConfig
+from psfm import PSFM, Spa3RConfig, Spa3REncoder, patch_log_depth
 from psfm import flops_per_sample as psfm_flops_per_sample
 
 STAGES = ("geo", "psfm", "vlm")
@@ -78,12 +80,14 @@ class TrainConfig:
     resume: bool = False        # continue from the checkpoint in --out (a fresh start when there is none yet)
     init_geo: str = ""          # psfm, and vlm with --spa3r=none: the geo checkpoint; empty: out/geo; "none": random
     init_spa3r: str = ""        # vlm: the psfm checkpoint (Spa3R and the vision ViT's start); empty: out/psfm
-    spa3r: str = "psfm"         # vlm: "psfm" = Spa3-VLM; "none" = the baseline VLM without the spatial branch
+    spa3r: str = "psfm"         # vlm: "psfm" = Spa3-VLM; "none" = the baseline VLM without the spatial branch;
+                                # "oracle" = the adapter reads true 3D tokens (the ablation's upper bound)
     steps: int = 600            # optimizer steps
     batch_size: int = 8         # global batch (samples per optimizer step), the same for any number of processes
     micro_batch: int = 0        # samples per forward pass on each rank; 0 = batch_size / world size (no accumulation)
     num_views: int = 4          # geo, psfm: views per sample (view 0 is the reference)
     samples_per_scene: int = 1  # geo, psfm: samples (view subsets) per scene in an epoch
+    view_sampling: str = "walk"  # geo, psfm: "walk" = consecutive video frames (they overlap); "random" = any views
     lr: float = 2e-3            # geo, psfm: peak learning rate
     lr_lm: float = 2e-3         # vlm: per-module peak learning rates
     lr_vision: float = 5e-4
@@ -101,7 +105,8 @@ class TrainConfig:
     workers: int = 0            # DataLoader worker processes per rank
     log_every: int = 10
     eval_every: int = 200       # validation loss on held-out scenes every this many steps and at the end (0: never)
-    eval_samples: int = 32
+    eval_samples: int = 32      # held-out samples of the validation loss and the gates
+    probe_samples: int = 256    # psfm gates: training samples the linear probes are fitted on
     save_every: int = 200       # checkpoint every this many steps and at the end
 
 
@@ -167,8 +172,10 @@ def stage_config(flat_args, stage, preset, all_stages):
     cfg.data = cfg.data or DATA_DEFAULTS[preset]["out"]
     cfg.init_geo = cfg.init_geo or os.path.join(root, "geo")
     cfg.init_spa3r = cfg.init_spa3r or os.path.join(root, "psfm")
-    if cfg.spa3r not in ("psfm", "none"):
-        raise SystemExit(f"--spa3r must be 'psfm' or 'none', got {cfg.spa3r!r}")
+    if cfg.view_sampling not in ("walk", "random"):
+        raise SystemExit(f"--view_sampling must be 'walk' or 'random', got {cfg.view_sampling!r}")
+    if cfg.spa3r not in ("psfm", "none", "oracle"):
+        raise SystemExit(f"--spa3r must be 'psfm', 'none' or 'oracle', got {cfg.spa3r!r}")
     for name in ("steps", "batch_size", "log_every", "save_every") + (("eval_samples",) if cfg.eval_every else ()):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -332,7 +339,7 @@ def build_psfm(cfg, model_args):
 
 def view_datasets(cfg, res):
     def views(split, samples_per_scene):
-        return data.SceneViewsDataset(cfg.data, split, cfg.num_views, res, cfg.seed, samples_per_scene)
+        return data.SceneViewsDataset(cfg.data, split, cfg.num_views, res, cfg.seed, samples_per_scene, cfg.view_sampling)
     return views("train", cfg.samples_per_scene), views("val", 1)
 
 
@@ -347,7 +354,7 @@ def build_vlm(cfg, model_args):
         state = {"backbone." + k: v for k, v in geo_state.items()}
     else:
         geo_config, state = preset_config(GeoConfig, cfg.preset, model_args["geo"], "geo"), None
-    if cfg.spa3r == "none":  # unused without the spatial branch, but VLMConfig (and config.json) holds one
+    if cfg.spa3r != "psfm":  # unused without Spa3R, but VLMConfig (and config.json) holds one
         psfm_config = preset_config(Spa3RConfig, cfg.preset, [], "psfm")
     lm_config = preset_config(vlm.LMConfig, cfg.preset, model_args["lm"], "lm")
     if not any(a.startswith("--vocab_size") for a in model_args["lm"]):  # the data's tokenizer, rounded up to 64s
@@ -363,7 +370,8 @@ def build_vlm(cfg, model_args):
     collate = partial(vlm.collate, tokenizer=tokenizer, config=config)
     res = geo_config.image_size
     return Stage("vlm", model, config, model.param_groups(lrs, cfg.weight_decay),
-                 data.QADataset(cfg.data, "train", res), data.QADataset(cfg.data, "val", res), collate)
+                 *(data.QADataset(cfg.data, split, res, oracle=cfg.spa3r == "oracle") for split in ("train", "val")),
+                 collate)
 
 
 BUILDERS = {"geo": build_geo, "psfm": build_psfm, "vlm": build_vlm}
@@ -619,7 +627,7 @@ def train_state(cfg, step, num_samples, device):
             "data": {"samples_seen": seen, "epoch": seen // num_samples, "train_samples": num_samples}}
 
 
-SAME_ON_RESUME = ("batch_size", "seed", "num_views", "samples_per_scene", "spa3r")  # the sample stream and the model
+SAME_ON_RESUME = ("batch_size", "seed", "num_views", "samples_per_scene", "view_sampling", "spa3r")  # the sample stream and the model
 
 
 def load_checkpoint(cfg, stage, optimizer, device):
@@ -805,6 +813,233 @@ def validate(stage, cfg, run):
     return dict(zip(names, (reduced[:-1] / reduced[-1]).tolist()))
 
 
+# ----------------------------------------------------------------------------- gates: each stage vs its trivial baseline
+# A falling training loss proves nothing. On held-out samples each stage is compared with what a model that
+# learned nothing useful scores on the same samples: geo with the identity pose and the per-pixel mean depth,
+# psfm with the cameras of another sample and the mean token, its latent (by linear probes) with a randomly
+# initialised encoder, the VLM with another record's images or latent. Each gate row holds per-sample errors
+# of both; it passes when the paired bootstrap 95 % interval of (model - baseline) lies wholly below 0.
+
+GATE_BATCH = 8  # held-out samples per forward pass of a gate (>= 2: "another sample" rolls the batch)
+
+
+def gate_row(name, model_errors, baseline_errors, baseline, shown=None):
+    """One gate: per-sample errors (lower is better) of the model and its baseline on the same samples.
+    shown = (model value, baseline value) to print instead of the mean errors (R² for the probes)."""
+    diff, lo, hi = paired_bootstrap((model_errors - baseline_errors).tolist())
+    model_value, baseline_value = shown or (float(model_errors.mean()), float(baseline_errors.mean()))
+    return {"gate": name, "model": model_value, "baseline": baseline_value, "baseline_name": baseline,
+            "diff": diff, "lo": lo, "hi": hi, "n": len(model_errors), "pass": hi < 0}
+
+
+def per_sample(errors, valid):
+    """Mean of errors (B, ...) over the valid entries of each sample -> (B,)."""
+    dims = tuple(range(1, errors.dim()))
+    return (errors * valid).sum(dims) / valid.sum(dims).clamp_min(1)
+
+
+@torch.no_grad()
+def geo_gates(model, batches):
+    """Held-out pose errors (views 1.., view 0 is the identity by definition) vs the identity pose, and log-depth
+    L1 vs the per-pixel mean log depth of the held-out samples themselves (a baseline that has seen the answers)."""
+    errors, depth, valid, predicted = {}, [], [], []
+    for batch in batches:
+        pred = model(batch["images"])
+        target = relative_to_view0(batch["pose"])[:, 1:]  # (B, V - 1, 4, 4)
+        pose = pred["pose"][:, 1:]
+        identity = torch.eye(4, device=pose.device).expand_as(pose)
+        for name, estimate in (("model", pose), ("identity", identity)):
+            errors.setdefault(f"translation/{name}", []).append((estimate[..., :3, 3] - target[..., :3, 3]).abs().mean((1, 2)))
+            errors.setdefault(f"rotation/{name}", []).append((estimate[..., :3, :3] - target[..., :3, :3]).abs().mean((1, 2, 3)))
+        depth.append(batch["depth"].clamp_min(1e-6).log())
+        valid.append(batch["depth"] > 0)
+        predicted.append(pred["log_depth"].float())
+    e = {k: torch.cat(v).cpu() for k, v in errors.items()}
+    depth, valid, predicted = torch.cat(depth), torch.cat(valid), torch.cat(predicted)
+    mean_map = (depth * valid).sum((0, 1)) / valid.sum((0, 1)).clamp_min(1)  # (H, W) over samples and views
+    return [gate_row("geo: translation L1 (m)", e["translation/model"], e["translation/identity"], "identity pose"),
+            gate_row("geo: rotation L1", e["rotation/model"], e["rotation/identity"], "identity pose"),
+            gate_row("geo: log-depth L1", per_sample((predicted - depth).abs(), valid).cpu(),
+                     per_sample((mean_map - depth).abs(), valid).cpu(), "per-pixel mean depth")]
+
+
+@torch.no_grad()
+def psfm_gates(model, batches, seed, num_views):
+    """On the masked (unseen) views: 1 - cosine of the predicted geo field with the query cameras PSFM uses vs
+    the cameras of another sample (a decoder that ignores cameras scores the same) vs the held-out mean token
+    of each patch position; the depth probe vs the per-position mean log depth."""
+    errors, targets, masks, depths, depth_valid = {}, [], [], [], []
+    p = model.backbone.config.patch_size
+    for k, batch in enumerate(batches):
+        generator = masking_generator(seed, 0, k * GATE_BATCH, num_views, validation=True)
+        context, target, latent, K, pose = model.context_pass(batch, generator)
+        masked = ~context  # (B, V)
+        other = torch.roll(torch.arange(len(K)), 1)
+        hw = batch["images"].shape[-2:]
+        for name, (K_, pose_) in (("own", (K, pose)), ("other", (K[other], pose[other]))):
+            field = model.decode(latent, K_, pose_, hw)
+            cos = 1 - F.cosine_similarity(model.geo_head(field).float(), target.float(), dim=-1).mean(-1)  # (B, V)
+            errors.setdefault(name, []).append(per_sample(cos, masked))
+            if name == "own":
+                log_depth, valid = patch_log_depth(batch["depth"], p)
+                probe = model.depth_probe(field).squeeze(-1).float()
+                errors.setdefault("probe", []).append(per_sample((probe - log_depth).abs(), valid & masked[..., None]))
+                depths.append(log_depth), depth_valid.append(valid & masked[..., None])
+        targets.append(target.float()), masks.append(masked)
+    e = {k: torch.cat(v).cpu() for k, v in errors.items()}
+    target, masked, log_depth, valid = torch.cat(targets), torch.cat(masks), torch.cat(depths), torch.cat(depth_valid)
+    mean_token = (target * masked[..., None, None]).sum((0, 1)) / masked.sum()  # (N, Dg)
+    mean_cos = per_sample(1 - F.cosine_similarity(mean_token, target, dim=-1).mean(-1), masked).cpu()
+    mean_depth = (log_depth * valid).sum((0, 1)) / valid.sum((0, 1)).clamp_min(1)  # (N,)
+    return [gate_row("psfm: unseen-view geo 1-cos", e["own"], e["other"], "cameras of another sample"),
+            gate_row("psfm: unseen-view geo 1-cos", e["own"], mean_cos, "mean token"),
+            gate_row("psfm: unseen-view depth probe L1", e["probe"],
+                     per_sample((mean_depth - log_depth).abs(), valid).cpu(), "per-position mean depth")]
+
+
+# Linear probes: 3D quantities of a sample read off its features by ridge regression fitted on training scenes.
+PROBES = ("log floor area", "relative yaw (cos)", "relative yaw (sin)", "camera distance", "largest-object distance")
+
+
+def probe_targets(batch, rooms):
+    """(B, 5) quantities the latent should hold: log floor area; cos and sin of view 1's heading in view 0's
+    frame and the distance between their cameras; the distance from view 0's camera to the largest object."""
+    pose = relative_to_view0(batch["pose"]).cpu()
+    forward = pose[:, 1, :3, 2]  # view 1's optical axis in view 0's camera (x right, z forward)
+    yaw = torch.atan2(forward[:, 0], forward[:, 2])
+    world = batch["pose"].cpu()
+    rows = []
+    for b, room in enumerate(rooms):
+        largest = max(room["objects"], key=lambda o: math.prod(o["size"]))
+        distance = (torch.tensor(largest["center"]) - world[b, 0, :3, 3]).norm()
+        rows.append([math.log(room["room"]["floor_area"]), yaw[b].cos(), yaw[b].sin(),
+                     pose[b, 1, :3, 3].norm(), distance])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@torch.no_grad()
+def probe_features(model, random_encoder, batch):
+    """{name: (B, F)}: the Spa3R latent, the per-view mean ViT features, a random encoder's latent."""
+    images = batch["images"]
+    tokens = model.backbone(images)["tokens"]  # (B, V, N, Dg)
+    vit = model.backbone.vit(images.flatten(0, 1))[:, model.backbone.config.num_registers:]  # (B * V, N, Dg)
+    return {"latent": model.encoder(tokens, model.grid(images)).flatten(1),
+            "ViT features": vit.mean(1).view(len(images), -1),
+            "random encoder": random_encoder(tokens, model.grid(images)).flatten(1)}
+
+
+def ridge_fit_predict(train_x, train_y, test_x, lambdas=(1e-2, 1e-1, 1, 10, 100, 1000)):
+    """Ridge regression on standardised features, its strength chosen on the last fifth of the training rows,
+    then refitted on all of them -> predictions for test_x (n, targets). float64 throughout."""
+    def fit(x, y, lam):
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+        xs = (x - mean) / std
+        w = torch.linalg.solve(xs.T @ xs + lam * torch.eye(x.shape[1], dtype=x.dtype), xs.T @ (y - y.mean(0)))
+        return lambda z: (z - mean) / std @ w + y.mean(0)
+    cut = len(train_x) * 4 // 5
+    scores = [((fit(train_x[:cut], train_y[:cut], lam)(train_x[cut:]) - train_y[cut:]) ** 2).sum() for lam in lambdas]
+    best = lambdas[int(torch.stack(scores).argmin())]
+    return fit(train_x, train_y, best)(test_x)
+
+
+def r2(errors, y):
+    """Coefficient of determination of each column from squared errors (n, k) and targets (n, k)."""
+    return 1 - errors.mean(0) / y.var(0, unbiased=False).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def probe_gates(model, train_batches, val_batches, rooms_of, seed):
+    """Per probed quantity: held-out R² of the latent vs a randomly initialised encoder (the gate) and vs the
+    ViT features (shown in the row's name)."""
+    with torch.random.fork_rng():  # the random encoder must not move the training RNG
+        torch.manual_seed(seed + 1)
+        random_encoder = Spa3REncoder(model.config, model.backbone.config.dim).to(next(model.parameters()).device)
+        random_encoder.apply(init_weights)
+
+    def collect(batches):
+        feats, ys = {}, []
+        for batch in batches:
+            for name, f in probe_features(model, random_encoder, batch).items():
+                feats.setdefault(name, []).append(f.double().cpu())
+            ys.append(probe_targets(batch, rooms_of(batch)))
+        return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(ys)
+    (train_x, train_y), (val_x, val_y) = collect(train_batches), collect(val_batches)
+    sq = {name: (ridge_fit_predict(train_x[name], train_y, val_x[name]) - val_y) ** 2 for name in train_x}
+    rows = []
+    for j, quantity in enumerate(PROBES):
+        score = {name: float(r2(sq[name][:, j:j + 1], val_y[:, j:j + 1])) for name in sq}
+        rows.append(gate_row(f"probe R² {quantity} (ViT features {score['ViT features']:.2f})", sq["latent"][:, j],
+                             sq["random encoder"][:, j], "random encoder", (score["latent"], score["random encoder"])))
+    return rows
+
+
+def partners(keys, scenes):
+    """For each record, the next record (cyclically) with the same key from another scene, or -1 if none."""
+    out = []
+    for i in range(len(keys)):
+        order = [(i + k) % len(keys) for k in range(1, len(keys))]
+        out.append(next((j for j in order if keys[j] == keys[i] and scenes[j] != scenes[i]), -1))
+    return torch.tensor(out, dtype=torch.long)
+
+
+@torch.no_grad()
+def vlm_gates(model, batches):
+    """Held-out answer cross-entropy per record with its own images vs another scene's images (of a record with
+    as many images; the baseline must use its images), and with a spatial branch, its own latent vs another
+    scene's latent (Spa3-VLM must use its latent)."""
+    errors = {}
+    for batch in batches:
+        own = model.record_losses(batch)
+        per_record = list(batch["images"].split(batch["num_images"].tolist()))
+        other = partners(batch["num_images"].tolist(), batch["scenes"])
+        paired = other >= 0
+        swapped = torch.cat([per_record[j] if j >= 0 else x for x, j in zip(per_record, other.tolist())])
+        errors.setdefault("images/own", []).append(own[paired])
+        errors.setdefault("images/other", []).append(model.record_losses({**batch, "images": swapped})[paired])
+        if model.adapter is not None:
+            other = partners([0] * len(own), batch["scenes"])
+            paired = other >= 0
+            errors.setdefault("latent/own", []).append(own[paired])
+            errors.setdefault("latent/other", []).append(model.record_losses(batch, other.clamp_min(0))[paired])
+    e = {k: torch.cat(v).cpu() for k, v in errors.items()}
+    rows = [gate_row("vlm: answer CE", e["images/own"], e["images/other"], "another scene's images")]
+    if model.adapter is not None:
+        rows.append(gate_row("vlm: answer CE", e["latent/own"], e["latent/other"], "another scene's latent"))
+    return rows
+
+
+def stage_gates(stage, cfg, run):
+    """The gate rows of the stage on cfg.eval_samples held-out samples (and, for the psfm probes, probe_samples
+    training samples), one batch of GATE_BATCH at a time."""
+    def batches(dataset, count, spread=False):
+        # QA records come grouped by scene and task: a seeded spread makes partners from other scenes common
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed)) if spread else None
+        count = max(GATE_BATCH, count - count % GATE_BATCH)
+        for first in range(0, count, GATE_BATCH):
+            picks = [i % len(dataset) for i in range(first, first + GATE_BATCH)]
+            items = [dataset[int(order[i]) if spread else i] for i in picks]
+            yield to_device(stage.collate(items), run.device)
+
+    stage.model.eval()
+    with run.autocast:
+        if stage.name == "geo":
+            rows = geo_gates(stage.model, batches(stage.val_set, cfg.eval_samples))
+        elif stage.name == "psfm":
+            rows = psfm_gates(stage.model, batches(stage.val_set, cfg.eval_samples), cfg.seed, cfg.num_views)
+            rooms_of = lambda batch: [stage.val_set.store.scene(s)["meta"] for s in batch["scene"]]
+            rows += probe_gates(stage.model, batches(stage.train_set, cfg.probe_samples),
+                                batches(stage.val_set, cfg.eval_samples), rooms_of, cfg.seed)
+        else:
+            rows = vlm_gates(stage.model, batches(stage.val_set, cfg.eval_samples, spread=True))
+    stage.model.train()
+    return rows
+
+
+def gate_text(row):
+    return (f"gate {row['gate']}: {row['model']:.4f} vs {row['baseline_name']} {row['baseline']:.4f} | "
+            f"difference {row['diff']:+.4f} [{row['lo']:+.4f}, {row['hi']:+.4f}] | {'PASS' if row['pass'] else 'FAIL'}")
+
+
 # ----------------------------------------------------------------------------- the training loop
 
 def train_stage(cfg, model_args, rank, world, device):
@@ -881,6 +1116,11 @@ def run_steps(cfg, stage, run, optimizer, log, start):
             val = validate(stage, cfg, run)
             log.line(f"{cfg.stage} step {done}/{cfg.steps} | val loss {val['loss']:.4f} | {term_text(val)}")
             log.metrics({"step": done, "split": "val", **val})
+            if rank == 0:  # the gates: this stage against its trivial baselines on held-out samples
+                rows = stage_gates(stage, cfg, run)
+                for row in rows:
+                    log.line(f"{cfg.stage} step {done}/{cfg.steps} | {gate_text(row)}")
+                log.metrics({"step": done, "split": "gates", "gates": rows})
         if done % cfg.save_every == 0 or done == cfg.steps:
             save(done)
         window.pause(time.time() - started)  # validation and checkpoints do not count against throughput

@@ -49,7 +49,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer
 
-from data import SPECIAL_TOKENS, load_tokenizer
+from data import ORACLE_CAMERAS, ORACLE_DIM, ORACLE_OBJECTS, SPECIAL_TOKENS, load_tokenizer
 from generate_spar import write_atomic
 from model import MLP, GeoBackbone, GeoConfig, ViT, block_flops, init_weights
 from model import flops_per_sample as geo_flops_per_sample
@@ -433,7 +433,11 @@ def collate(items, tokenizer, config):
         check_length(len(ids), config, names[i])
         input_ids[i, :len(ids)] = torch.tensor(ids)
         targets[i, :len(ids)] = torch.tensor(next_token_targets(ids, on_answer))
-    return {"input_ids": input_ids, "targets": targets, "images": images, "num_images": num_images, "ids": names}
+    batch = {"input_ids": input_ids, "targets": targets, "images": images, "num_images": num_images, "ids": names,
+             "scenes": [item.get("record", {}).get("scene") for item in items]}
+    if "oracle" in items[0]:  # the oracle arm's true 3D tokens (data.oracle_tokens), one set per record
+        batch["oracle"] = torch.stack([item["oracle"] for item in items])
+    return batch
 
 
 def prompt_batch(questions, images, tokenizer, config, names=None):
@@ -460,15 +464,16 @@ class VLMConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     geo: GeoConfig = field(default_factory=GeoConfig)       # the vision ViT's and Spa3R's backbone (one checkpoint)
     psfm: Spa3RConfig = field(default_factory=Spa3RConfig)  # the Spa3R encoder whose latent the adapter reads
-    spa3r: str = "psfm"         # "psfm": Spa3-VLM; "none": the baseline VLM (no Spa3R, no adapter, all else equal)
+    spa3r: str = "psfm"         # "psfm": Spa3-VLM; "none": the baseline VLM (no Spa3R, no adapter, all else equal);
+                                # "oracle": the adapter reads true 3D tokens (data.oracle_tokens) instead of a latent
     freeze_spa3r: bool = True   # as the paper; False trains the Spa3R encoder too (its backbone stays frozen)
     freeze_vision: bool = False
     pixel_shuffle: int = 2      # s: visual tokens per image = (H / patch / s) * (W / patch / s)
     max_new_tokens: int = 32    # answer length cap for answer()
 
     def __post_init__(self):
-        if self.spa3r not in ("psfm", "none"):
-            raise ValueError(f"vlm.py: VLMConfig.spa3r must be 'psfm' or 'none', got {self.spa3r!r}")
+        if self.spa3r not in ("psfm", "none", "oracle"):
+            raise ValueError(f"vlm.py: VLMConfig.spa3r must be 'psfm', 'none' or 'oracle', got {self.spa3r!r}")
         if self.pixel_shuffle < 1:
             raise ValueError(f"vlm.py: VLMConfig.pixel_shuffle must be >= 1, got {self.pixel_shuffle}")
 
@@ -522,7 +527,8 @@ class SpaVLM(nn.Module):
         if c.spa3r == "psfm":
             self.spa3r = PSFM(c.psfm, GeoBackbone(c.geo)).requires_grad_(False)
             self.spa3r.encoder.requires_grad_(not c.freeze_spa3r)  # the decoder and heads are never used here
-            self.adapter = Spa3RAdapter(c.psfm.dim, c.lm.dim, c.lm.n_heads)
+        if c.spa3r != "none":
+            self.adapter = Spa3RAdapter(c.psfm.dim if c.spa3r == "psfm" else ORACLE_DIM, c.lm.dim, c.lm.n_heads)
 
     def init_from_psfm(self, state):
         """Start from a stage-`psfm` checkpoint (a PSFM state dict): the vision ViT copies the geometry backbone's
@@ -548,20 +554,31 @@ class SpaVLM(nn.Module):
                     latent[i] = z
         return torch.stack(latent)
 
-    def visual_tokens(self, images, num_images):
-        """images (I, 3, H, W) of B records, num_images (B,) -> (I, n, D) visual tokens in the LM width."""
+    def latent(self, batch):
+        """What each record's visual tokens read through the adapter (B, L, Ds): Spa3R's latent of its images,
+        or the oracle's true 3D tokens; None for the baseline."""
+        if self.config.spa3r == "psfm":
+            return self.spatial_latent(batch["images"], batch["num_images"])
+        return batch["oracle"] if self.config.spa3r == "oracle" else None
+
+    def visual_tokens(self, images, num_images, latent=None):
+        """images (I, 3, H, W) of B records, num_images (B,), latent (B, L, Ds) -> (I, n, D) visual tokens in the LM width."""
         g = self.config.geo
         patches = self.vision(images)[:, g.num_registers:]  # (I, N, Dv)
         x = self.projector(patches, (images.shape[-2] // g.patch_size, images.shape[-1] // g.patch_size))  # (I, n, D)
         if self.adapter is not None:
-            x = self.adapter(x, self.spatial_latent(images, num_images), num_images)
+            x = self.adapter(x, latent, num_images)
         return x
 
-    def embed(self, batch):
-        """Token embeddings (B, T, D) with each record's visual tokens in its <image> slots, in order."""
+    def embed(self, batch, latent_order=None):
+        """Token embeddings (B, T, D) with each record's visual tokens in its <image> slots, in order.
+        latent_order (B,): record i reads the latent of record latent_order[i] (the latent-swap gate)."""
         ids, num_images = batch["input_ids"], batch["num_images"].to(batch["input_ids"].device)
         x = self.lm.embed_tokens(ids)  # (B, T, D)
-        vis = self.visual_tokens(batch["images"], num_images)  # (I, n, D)
+        latent = self.latent({**batch, "num_images": num_images})
+        if latent is not None and latent_order is not None:
+            latent = latent[latent_order]
+        vis = self.visual_tokens(batch["images"], num_images, latent)  # (I, n, D)
         slots = ids == self.special["<image>"]  # (B, T)
         have, want = slots.sum(1), num_images * vis.shape[1]
         bad = torch.nonzero(have != want).flatten().tolist()
@@ -571,9 +588,15 @@ class SpaVLM(nn.Module):
                              f"{int(num_images[i])} image(s) give {int(want[i])} visual tokens ({vis.shape[1]} each)")
         return x.masked_scatter(slots[..., None], vis.to(x.dtype))
 
-    def logits(self, batch):
+    def logits(self, batch, latent_order=None):
         """(B, T, vocab) for a collate batch (right-padded) or a prompt_batch (left-padded, with 'valid')."""
-        return self.lm(self.embed(batch), batch.get("valid"))
+        return self.lm(self.embed(batch, latent_order), batch.get("valid"))
+
+    def record_losses(self, batch, latent_order=None):
+        """(B,) each record's mean cross-entropy over its answer tokens (the VLM gates compare these)."""
+        ce = F.cross_entropy(self.logits(batch, latent_order).transpose(1, 2).float(), batch["targets"],
+                             ignore_index=IGNORE, reduction="none")  # (B, T)
+        return ce.sum(1) / (batch["targets"] != IGNORE).sum(1).clamp_min(1)
 
     def forward(self, batch):
         """Mean cross-entropy over the batch's answer tokens (each answer and its closing <|end|>)."""
@@ -588,12 +611,15 @@ class SpaVLM(nn.Module):
                                 self.special["<|end|>"], temperature, generator, use_cache)
 
     @torch.no_grad()
-    def answer(self, records, images, max_new_tokens=None):
+    def answer(self, records, images, max_new_tokens=None, oracle=None):
         """eval.py's contract: records (dicts with "question"), images[i] (N_i, 3, H, W) in [0, 1] -> answers,
-        decoded greedily with the KV cache, the whole list as one batch."""
+        decoded greedily with the KV cache, the whole list as one batch. oracle: the oracle arm's
+        data.oracle_tokens of each record."""
         device = self.lm.embed_tokens.weight.device
         batch = prompt_batch([r["question"] for r in records], images, self.tokenizer, self.config,
                              [r.get("id", f"#{i}") for i, r in enumerate(records)])
+        if oracle is not None:
+            batch["oracle"] = torch.stack(list(oracle))
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         return [self.tokenizer.decode(ids).strip() for ids in self.generate(batch, max_new_tokens)]
 
@@ -732,8 +758,9 @@ def flops_per_sample(config, num_images, text_tokens, training=False):
         S = p.num_queries + p.num_registers + num_images * n
         parts["spa3r_backbone"] = geo_flops_per_sample(g, num_images)
         parts["spa3r_encoder"] = 2 * num_images * n * g.dim * p.dim + p.encoder_depth * block_flops(p.dim, p.mlp_ratio, S, S)
-        L = p.num_queries
-        per_record = 2 * L * (p.dim * D + D * D) + 2 * L * D * 2 * D  # latent projector, keys and values
+    if c.spa3r != "none":
+        L, Ds = (c.psfm.num_queries, c.psfm.dim) if c.spa3r == "psfm" else (1 + ORACLE_CAMERAS + ORACLE_OBJECTS, ORACLE_DIM)
+        per_record = 2 * L * (Ds * D + D * D) + 2 * L * D * 2 * D  # latent projector, keys and values
         per_token = 2 * D * D * 3 + 2 * 2 * D * (D // 4) + 4 * L * D  # q, out, gate; bottleneck; attention
         parts["adapter"] = per_record + num_images * n_vis * per_token
     if not training:

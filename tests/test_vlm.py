@@ -211,11 +211,12 @@ def test_each_record_reads_its_own_images_and_latent():
     items = qa_items()[:4]  # 1, 2, 1, 3 images
     batch = collate(items, TOKENIZER, model.config)
     latent = model.spatial_latent(batch["images"], batch["num_images"])
-    vis = model.visual_tokens(batch["images"], batch["num_images"]).split(batch["num_images"].tolist())
+    vis = model.visual_tokens(batch["images"], batch["num_images"], latent).split(batch["num_images"].tolist())
     for i, item in enumerate(items):
         alone = model.spa3r.encode(item["images"][None])[0]
         assert torch.allclose(latent[i], alone, atol=1e-5)
-        assert torch.allclose(vis[i], model.visual_tokens(item["images"], torch.tensor([len(item["images"])])), atol=1e-5)
+        one = torch.tensor([len(item["images"])])
+        assert torch.allclose(vis[i], model.visual_tokens(item["images"], one, alone[None]), atol=1e-5)
     plain = model.projector(model.vision(items[0]["images"])[:, 2:], (4, 4))  # record 0 before the adapter
     assert not torch.allclose(vis[0], model.adapter(plain, latent[3:], torch.tensor([1])), atol=1e-3)  # latent matters
 
@@ -289,7 +290,7 @@ def test_bad_inputs_name_the_field():
     plain = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
     with pytest.raises(ValueError, match="lacks the special token"):
         SpaVLM(tiny_config(), plain)
-    with pytest.raises(ValueError, match="spa3r must be 'psfm' or 'none'"):
+    with pytest.raises(ValueError, match="spa3r must be 'psfm', 'none' or 'oracle'"):
         tiny_config(spa3r="vggt")
     with pytest.raises(ValueError, match="max_seq_len 40"):
         collate(items[:1], TOKENIZER, VLMConfig.tiny(lm=LMConfig(vocab_size=TOKENIZER.get_vocab_size(), max_seq_len=40)))
