@@ -2,6 +2,7 @@
 and the tokenizer."""
 
 import json
+import math
 import os
 import shutil
 
@@ -233,3 +234,42 @@ def test_tokenizer_errors_name_the_file(tmp_path):
     plain.save(str(tmp_path / "plain.json"))
     with pytest.raises(ValueError, match=r"plain.json: special token '<\|system\|>'"):
         data.load_tokenizer(str(tmp_path / "plain.json"))
+
+
+def test_oracle_tokens_hand_worked_scene():
+    """Image 0 looks along world +x from (1, 2, 1.5), image 1 along +y from (1, 3, 1.5): in image 0's camera
+    (x right = world -y, y down = world -z, z forward = world +x) image 1 stands at (-1, 0, 0) looking along
+    (-1, 0, 0), and a chair at world (3, 2, 1.5) sits 2 m straight ahead."""
+    poses = np.stack([g.look_pose(np.array([1, 2, 1.5]), 0.0, 0.0), g.look_pose(np.array([1, 3, 1.5]), math.pi / 2, 0.0)])
+    meta = {"room": {"size": [4, 5, 2.5], "floor_area": 20.0},
+            "objects": [{"category": "table", "center": [2, 4, 0.4], "size": [1, 1, 0.8]},
+                        {"category": "chair", "center": [3, 2, 1.5], "size": [0.5, 0.5, 0.9]},
+                        {"category": "thing", "center": [0, 0, 0], "size": [1, 1, 1]}]}
+    record = {"image": [0, 1], "markers": [{"image": 0, "object": 1, "point": [500, 500]}]}
+    tokens = data.oracle_tokens(meta, poses.astype(np.float32), record).numpy()
+    assert tokens.shape == (1 + data.ORACLE_CAMERAS + data.ORACLE_OBJECTS, data.ORACLE_DIM)
+    assert tokens[0, :3].tolist() == [1, 0, 0] and tokens[0, 6:10].tolist() == pytest.approx([4, 5, 2.5, 2.0])
+    camera0, camera1 = tokens[1], tokens[2]
+    assert camera0[3:6].tolist() == pytest.approx([0, 0, 0], abs=1e-6) and camera0[6:9].tolist() == pytest.approx([0, 0, 1])
+    assert camera1[3:6].tolist() == pytest.approx([-1, 0, 0], abs=1e-6)
+    assert camera1[6:9].tolist() == pytest.approx([-1, 0, 0], abs=1e-6) and camera1[9] == pytest.approx(1 / 8)
+    assert not tokens[3:1 + data.ORACLE_CAMERAS].any()  # unused camera rows stay zero
+    table, chair, thing = tokens[1 + data.ORACLE_CAMERAS:4 + data.ORACLE_CAMERAS]
+    assert chair[:3].tolist() == [0, 0, 1] and chair[3:6].tolist() == pytest.approx([0, 0, 2], abs=1e-6)
+    assert table[3:6].tolist() == pytest.approx([-2, 1.1, 1], abs=1e-6)  # 2 m left, 1.1 m below the eye, 1 m ahead
+    assert chair[10] == 1 and table[10] == 0  # 1 + the index of the marker on it
+    assert chair[11 + g.CATEGORY_NAMES.index("chair")] == 1 and chair[11:].sum() == 1
+    assert thing[11:].sum() == 0 and thing[2] == 1  # an unknown category: an object with no class
+
+
+def test_walk_sampling_takes_a_window_of_consecutive_video_frames(dataset_dir):
+    dataset = data.SceneViewsDataset(str(dataset_dir), "train", num_views=3, seed=0, view_sampling="walk")
+    windows = set()
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        for i in range(len(dataset)):
+            views = sorted(dataset[i]["views"].tolist())
+            video = dataset.store.scene(dataset.ids[i])["meta"]["video_frames"]  # 6 views - 2 random = 4 frames
+            assert views == list(range(views[0], views[0] + 3)) and views[-1] < video
+            windows.add(views[0])
+    assert windows == {0, 1}  # both windows of 3 in a 4-frame video occur

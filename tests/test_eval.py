@@ -350,3 +350,61 @@ def test_parse_args():
     for bad in bad_args:
         with pytest.raises(SystemExit):
             ev.parse_args(bad)
+
+
+# -----------------------------------------------------------------------------
+# Paired bootstrap, the ablation table and the gates table
+
+def test_paired_bootstrap_matches_the_normal_approximation():
+    import numpy as np
+    d = np.random.default_rng(1).normal(0.3, 1.0, 2000)
+    mean, lo, hi = ev.paired_bootstrap(d)
+    half = 1.96 * d.std() / np.sqrt(len(d))
+    assert mean == pytest.approx(d.mean()) and lo == pytest.approx(d.mean() - half, abs=0.01)
+    assert hi == pytest.approx(d.mean() + half, abs=0.01)
+    assert ev.paired_bootstrap([2.0] * 5) == (2.0, 2.0, 2.0)  # no spread, no interval
+    # strata: the mean over strata, not over items (task "a" has 3 items, "b" 1)
+    assert ev.paired_bootstrap([1, 1, 1, 0], strata=["a", "a", "a", "b"])[0] == 0.5
+    assert ev.paired_bootstrap(d, seed=3) == ev.paired_bootstrap(d, seed=3)
+
+
+def fake_result(scores, tasks, chance=None):
+    """What evaluate() keeps per question, for ablation() and chance_gate()."""
+    ids = [f"q{i}" for i in range(len(scores))]
+    by_task = {}
+    for t, s in zip(tasks, scores):
+        by_task.setdefault(t, []).append(s)
+    overall = 100 * sum(sum(v) / len(v) for v in by_task.values()) / len(by_task)
+    return {"scores": dict(zip(ids, scores)), "tasks_of": dict(zip(ids, tasks)), "model": {"overall": overall},
+            "chance_frequency_scores": dict(zip(ids, chance)) if chance else None}
+
+
+def test_ablation_table_averages_seeds_per_question_then_compares_with_the_first_arm():
+    tasks = ["room_size_estimation", "room_size_estimation", "object_counting", "object_counting"]
+    base = [fake_result([0, 0, 1, 0], tasks), fake_result([0, 0, 1, 0], tasks)]
+    better = [fake_result([1, 1, 1, 0], tasks), fake_result([1, 0, 1, 0], tasks)]
+    text = ev.ablation({"baseline": base, "oracle": better})
+    row = next(line for line in text.splitlines() if line.startswith("| oracle |"))
+    cells = row.strip("| ").split(" | ")
+    assert cells[:4] == ["oracle", "2", "75.00, 50.00", "62.50"]
+    # per question over seeds: room size (1, 0.5) vs (0, 0): +0.75 on that task, 0 on counting -> +37.50 overall
+    assert cells[4].startswith("+37.50 [") and cells[5] == "75.00" and cells[6].startswith("+75.00 [")
+    assert "- oracle vs baseline: overall +37.50" in text
+
+
+def test_chance_gate_and_gates_table(tmp_path):
+    result = fake_result([1, 1, 0, 1], ["a", "a", "b", "b"], chance=[0, 0, 0, 1])
+    row = ev.chance_gate(result)
+    assert row["diff"] == pytest.approx(50.0) and row["model"] == pytest.approx(75.0) and row["baseline"] == pytest.approx(25.0)
+    metrics = tmp_path / "metrics.jsonl"
+    gate = {"gate": "geo: rotation L1", "model": 0.1, "baseline": 0.3, "baseline_name": "identity pose",
+            "diff": -0.2, "lo": -0.25, "hi": -0.15, "n": 8, "pass": True}
+    lines = [{"step": 5, "split": "gates", "gates": [dict(gate, model=9.0)]}, {"step": 10, "split": "train", "loss": 1.0},
+             {"step": 10, "split": "gates", "gates": [gate, dict(gate, gate="geo: translation L1", hi=0.1, **{"pass": False})]}]
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n")
+    table = ev.gates_table([("geo", str(metrics)), ("vlm", str(empty))]).splitlines()
+    assert table[2] == "| geo | geo: rotation L1 | 0.1000 | identity pose 0.3000 | -0.2000 [-0.2500, -0.1500] | PASS |"
+    assert table[3].startswith("| geo | geo: translation L1 |") and table[3].endswith("| FAIL |")
+    assert table[4] == "| vlm | no gate measured | | | | FAIL |"

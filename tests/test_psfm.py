@@ -285,3 +285,21 @@ def test_psfm_overfits_two_scenes(camera_attention):
     plucker 2.65 -> 0.34, prope 2.78 -> 0.086 (mean of the last 10 steps), so a halving is a safe bound."""
     losses = psfm_overfit(camera_attention)
     assert sum(losses[-10:]) / 10 < 0.5 * losses[0]
+
+
+def test_context_pass_is_what_the_losses_use_and_gates_see_camera_use():
+    """The gates' 'cameras of another sample' baseline ties exactly when the decoder cannot see its rays."""
+    import train
+    batch = synthetic_batch()
+    batch = {k: torch.cat([v] * 4) for k, v in batch.items()}  # 8 samples: one gate batch
+    model = tiny_psfm(pose_source="gt").eval()
+    context, targets, latent, K, pose = model.context_pass(batch, torch.Generator().manual_seed(0))
+    assert context[:, 0].all() and context.sum(1).eq(2).all() and torch.equal(K, batch["K"])
+    assert torch.allclose(pose, relative_to_view0(batch["pose"]))
+    rows = train.psfm_gates(model, [batch], seed=0, num_views=4)
+    assert [r["baseline_name"] for r in rows] == ["cameras of another sample", "mean token", "per-position mean depth"]
+    assert rows[0]["diff"] != 0
+    with torch.no_grad():
+        model.decoder.ray_embed.fc1.weight.zero_()  # every ray token the same: cameras cannot matter
+    rows = train.psfm_gates(model, [batch], seed=0, num_views=4)
+    assert rows[0]["diff"] == 0 and not rows[0]["pass"]

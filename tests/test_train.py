@@ -415,3 +415,73 @@ def test_missing_data_is_generated_once(tmp_path, monkeypatch):
     assert len(train.data.scene_ids(folder, "train")) == 2 and len(train.data.scene_ids(folder, "val")) == 1
     train.ensure_data(folder, "tiny", rank=0, world=1)
     assert os.path.getmtime(os.path.join(folder, "tokenizer.json")) == stamp
+
+
+# ----------------------------------------------------------------------------- gates
+
+class Replay:
+    """A stand-in model that returns prepared outputs in order, one per call."""
+
+    def __init__(self, outputs):
+        self.outputs = list(outputs)
+
+    def __call__(self, *args):
+        return self.outputs.pop(0)
+
+
+def random_rigid(n, generator):
+    q = torch.linalg.qr(torch.randn(n, 3, 3, generator=generator))[0]
+    q = q * torch.linalg.det(q).sign()[:, None, None]  # proper rotations
+    pose = torch.eye(4).repeat(n, 1, 1)
+    pose[:, :3, :3], pose[:, :3, 3] = q, torch.randn(n, 3, generator=generator)
+    return pose
+
+
+def geo_batches(count, generator):
+    for _ in range(count):
+        B, V = train.GATE_BATCH, 3
+        depth = torch.rand(B, V, 8, 8, generator=generator) * 4 + 0.5
+        depth[:, :, 0, 0] = 0  # an invalid pixel, left out everywhere
+        yield {"images": torch.zeros(B, V, 3, 8, 8), "depth": depth, "pose": random_rigid(B * V, generator).view(B, V, 4, 4)}
+
+
+def test_geo_gates_pass_for_the_truth_and_tie_for_the_identity():
+    batches = list(geo_batches(2, torch.Generator().manual_seed(0)))
+    truth = [{"pose": train.relative_to_view0(b["pose"]), "log_depth": b["depth"].clamp_min(1e-6).log()} for b in batches]
+    rows = train.geo_gates(Replay(truth), batches)
+    assert [r["pass"] for r in rows] == [True, True, True] and all(r["model"] < 1e-5 for r in rows)
+    identity = [{"pose": torch.eye(4).expand_as(b["pose"]), "log_depth": torch.zeros_like(b["depth"])} for b in batches]
+    rows = train.geo_gates(Replay(identity), batches)
+    assert rows[0]["diff"] == 0 and rows[1]["diff"] == 0 and not rows[0]["pass"] and not rows[1]["pass"]
+    # the identity's translation error, by hand: the mean |t| of views 1.. relative to view 0
+    t = torch.cat([train.relative_to_view0(b["pose"])[:, 1:, :3, 3] for b in batches])
+    assert rows[0]["baseline"] == pytest.approx(t.abs().mean().item(), rel=1e-5)
+    assert rows[2]["n"] == 2 * train.GATE_BATCH and not rows[2]["pass"]  # log depth 0 is worse than the mean map
+
+
+def test_ridge_probe_reads_a_linear_quantity_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 20, generator=g, dtype=torch.float64)
+    y = torch.stack([x @ torch.randn(20, generator=g, dtype=torch.float64),
+                     torch.randn(300, generator=g, dtype=torch.float64)], 1)
+    pred = train.ridge_fit_predict(x[:200], y[:200], x[200:])
+    score = train.r2((pred - y[200:]) ** 2, y[200:])
+    assert score[0] > 0.99 and score[1] < 0.1
+
+
+def test_probe_targets_hand_worked_room():
+    pose = torch.eye(4).repeat(1, 2, 1, 1)
+    pose[0, 0, :3, 3] = torch.tensor([1.0, 2.0, 1.5])
+    turn = math.radians(30)  # view 1 turned 30 degrees to the right about its down axis, 2 m to the right
+    pose[0, 1, :3, :3] = torch.tensor([[math.cos(turn), 0, math.sin(turn)], [0, 1, 0], [-math.sin(turn), 0, math.cos(turn)]])
+    pose[0, 1, :3, 3] = torch.tensor([3.0, 2.0, 1.5])
+    room = {"room": {"floor_area": 12.0}, "objects": [{"center": [1, 2, 0.5], "size": [0.5, 0.5, 1]},
+                                                      {"center": [4, 6, 1.5], "size": [2, 1, 1]}]}
+    got = train.probe_targets({"pose": pose}, [room])[0]
+    expected = [math.log(12), math.cos(turn), math.sin(turn), 2.0, math.dist([4, 6, 1.5], [1, 2, 1.5])]
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_swap_partners_come_from_other_scenes_with_the_same_key():
+    assert train.partners([1, 2, 1, 1, 2], ["a", "b", "a", "c", "b"]).tolist() == [3, -1, 3, 0, -1]
+    assert train.partners([0, 0, 0], ["a", "b", "c"]).tolist() == [1, 2, 0]

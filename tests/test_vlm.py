@@ -481,3 +481,47 @@ def overfit(steps=100, seed=0):
 def test_tiny_vlm_memorises_eight_qa_pairs():
     loss, answers = overfit()
     assert answers == [a for _, a, _ in QA] and loss < 0.05, (loss, answers)
+
+
+def oracle_items():
+    """Four records alike in question and (blank) images, whose answers only their oracle tokens tell apart."""
+    g = torch.Generator().manual_seed(0)
+    return [{"id": f"o{i}", "task": "t", "images": torch.zeros(1, 3, 32, 32), "question": QA[0][0], "answer": answer,
+             "record": {"scene": f"scene{i}"}, "oracle": torch.randn(5, vlm.ORACLE_DIM, generator=g)}
+            for i, answer in enumerate(["1.25", "3.4", "0.87", "2.1"])]
+
+
+def test_oracle_arm_reads_its_tokens_and_the_latent_swap_gate_sees_it():
+    import train
+    model = tiny_vlm(spa3r="oracle")
+    assert model.spa3r is None and model.adapter.latent_proj.fc1.in_features == vlm.ORACLE_DIM
+    items = oracle_items()
+    batch = collate(items, TOKENIZER, model.config)
+    assert batch["oracle"].shape == (4, 5, vlm.ORACLE_DIM) and batch["scenes"] == ["scene0", "scene1", "scene2", "scene3"]
+    gates = train.vlm_gates(model, [batch])  # zero-init adapter: the latent changes nothing yet
+    assert gates[1]["baseline_name"] == "another scene's latent" and gates[1]["diff"] == 0 and not gates[1]["pass"]
+    opt = torch.optim.AdamW(model.param_groups({k: 3e-3 for k in LRS}, 0.0))
+    for _ in range(150):
+        loss = model(batch)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    answers = model.answer([{"id": it["id"], "question": it["question"]} for it in items],
+                           [it["images"] for it in items], oracle=[it["oracle"] for it in items])
+    assert answers == [it["answer"] for it in items]
+    with torch.no_grad():
+        own, swapped = model.record_losses(batch), model.record_losses(batch, torch.tensor([1, 2, 3, 0]))
+    assert (swapped > own).all() and (swapped - own).mean() > 0.5
+    latent_gate = train.vlm_gates(model, [batch])[1]
+    assert latent_gate["pass"] and latent_gate["diff"] == pytest.approx((own - swapped).mean().item(), rel=1e-4)
+
+
+def test_record_losses_average_each_records_answer_tokens():
+    model = tiny_vlm()
+    sharpen(model)
+    items = qa_items()[:3]
+    batch = collate(items, TOKENIZER, model.config)
+    per_record = model.record_losses(batch)
+    for i, item in enumerate(items):  # each record alone: its mean over its own answer tokens
+        alone, _ = model(collate([item], TOKENIZER, model.config))
+        assert per_record[i].item() == pytest.approx(alone.item(), rel=1e-4)
