@@ -213,7 +213,9 @@ def scene_ids(data_dir, split):
 class SceneViewsDataset(torch.utils.data.Dataset):
     """Item i: `num_views` distinct views of scene i % n_scenes, chosen by a generator seeded with
     (seed, epoch, i), so the same seed and epoch give the same samples on any machine and any rank:
-    any of the scene's views (view_sampling="random") or a window of consecutive video frames ("walk").
+    any of the scene's views (view_sampling="random"), or a random view 0 and others among the 2 (V - 1) views
+    nearest to it by camera distance (m) + angle between the optical axes (rad) ("near": views that overlap, so
+    relative pose can be learnt from them, as VGGT samples its training frames).
     View 0 of a sample is the reference view whose camera frame the models use as the scene frame."""
 
     def __init__(self, data_dir, split="train", num_views=4, res=None, seed=0, samples_per_scene=1, view_sampling="random"):
@@ -237,13 +239,14 @@ class SceneViewsDataset(torch.utils.data.Dataset):
         if total < self.num_views:
             raise ValueError(f"{scene_id}: has {total} views, {self.num_views} requested")
         generator = torch.Generator().manual_seed(hash_seed(self.seed, self.epoch, index))
-        walk = scene["meta"]["video_frames"]
-        if self.view_sampling == "walk" and walk >= self.num_views:
-            # a window of consecutive video frames in random order: views that overlap, as VGGT trains on
-            first = int(torch.randint(0, walk - self.num_views + 1, (1,), generator=generator))
-            views = (first + torch.randperm(self.num_views, generator=generator)).numpy()
-        else:
-            views = torch.randperm(total, generator=generator)[:self.num_views].numpy()
+        views = torch.randperm(total, generator=generator)[:self.num_views].numpy()
+        if self.view_sampling == "near":  # view 0, then views among its 2 (V - 1) nearest: views that overlap
+            pose = scene["pose"]
+            gap = np.linalg.norm(pose[:, :3, 3] - pose[views[0], :3, 3], axis=1)  # metres between the cameras
+            gap += np.arccos(np.clip(pose[:, :3, 2] @ pose[views[0], :3, 2], -1, 1))  # + radians between their axes
+            nearest = np.argsort(gap, kind="stable")[1:2 * self.num_views - 1]
+            pick = torch.randperm(len(nearest), generator=generator)[:self.num_views - 1].numpy()
+            views = np.concatenate([views[:1], nearest[pick]])
         images = torch.from_numpy(scene["rgb"][views]).permute(0, 3, 1, 2).float() / 255  # (V, 3, H, W)
         depth = torch.from_numpy(scene["depth"][views])  # (V, H, W)
         semantic = torch.from_numpy(semantic_map(scene["instance"][views], scene["meta"]["objects"]))
@@ -307,9 +310,9 @@ class QADataset(torch.utils.data.Dataset):
     """Item: {"id", "task", "images" (N,3,H,W) in [0,1] with the question's markers drawn, "question", "answer",
     "record"}, and with oracle=True "oracle" (oracle_tokens). The chat template and tokenisation belong to vlm.py."""
 
-    def __init__(self, data_dir, split="train", res=None, markers=True, oracle=False):
+    def __init__(self, data_dir, split="train", res=None, markers=True, oracle=False, tasks=()):
         self.path = os.path.join(data_dir, f"qa_{split}.jsonl")
-        self.records = load_qa_jsonl(self.path)
+        self.records = [r for r in load_qa_jsonl(self.path) if not tasks or r["task"] in tasks]
         self.store, self.res, self.markers, self.oracle = SceneStore(data_dir), res, markers, oracle
 
     def __len__(self):

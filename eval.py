@@ -2,6 +2,8 @@
 
     python eval.py --ckpt=out/vlm --data=data/spar --split=val      # run the model, write predictions.jsonl, score it
     python eval.py --predictions=preds.jsonl --data=data/spar       # score a file of {"id", "prediction"} lines
+    python eval.py --ablation=baseline=a.json+b.json,Spa3-VLM=c.json+d.json   # seeds per arm, paired intervals
+    python eval.py --gates=geo=out/geo/metrics.jsonl,...            # the stages' gates with PASS / FAIL
 
 The questions are DATA/qa_{split}.jsonl as generate_spar.py writes them (read with data.load_qa_jsonl); a VSI-Bench
 record is turned into one by from_vsibench. The chance baselines come from DATA/qa_train.jsonl and are scored on
@@ -505,6 +507,7 @@ def ablation(arms):
 class EvalConfig:
     data: str = "data/spar"     # directory written by generate_spar.py
     split: str = "val"          # questions from qa_{split}.jsonl: val | train
+    tasks: str = ""             # score these tasks only (comma-separated; empty: all)
     predictions: str = ""       # score this file of {"id", "prediction"} lines ...
     ckpt: str = ""              # ... or run the Spa3-VLM checkpoint in this directory
     batch_size: int = 16        # questions per model.answer call
@@ -567,6 +570,10 @@ def run(cfg, model=None, load_frames=None):
         print(compare(results))
         return results
     records = load_questions(cfg.data, cfg.split)
+    if cfg.tasks:
+        records = [r for r in records if r["task"] in cfg.tasks.split(",")]
+        if not records:
+            raise ValueError(f"{cfg.data}: no {cfg.split} questions of the tasks {cfg.tasks}")
     if cfg.predictions:
         predictions = read_predictions(cfg.predictions, records)
     else:

@@ -32,8 +32,14 @@ whole or not at all (a staging folder renamed into place), every save_every step
 (what schedulers and torchrun send before a kill) at the next log step. --resume continues where a checkpoint
 left off: bit for bit on CPU (GPU kernels need not be deterministic).
 
+Gates: at every validation (every eval_every steps and at the end) rank 0 also measures the stage against its
+trivial baseline on held-out samples -- geo against the identity pose and the per-pixel mean depth, psfm against
+the cameras of another sample, the mean token and (by linear probes) a random encoder, the VLM against another
+scene's images and latent -- and logs each as a PASS / FAIL line (paired bootstrap 95 % interval) and a "gates"
+record in metrics.jsonl, which speedrun.sh's report prints.
+
 Reading order: TrainConfig and presets; processes and devices; the sample stream; the three stages (model, data,
-loss, FLOPs); optimizer and schedule; checkpoints; logging; validation; the loop; main.
+loss, FLOPs); optimizer and schedule; checkpoints; logging; validation; gates; the loop; main.
 """
 import base64
 import json
@@ -59,7 +65,7 @@ from tqdm import tqdm
 
 import data
 import vlm
-from generate_spar import GenConfig, generate, parse_args, write_atomic
+from generate_spar import TASKS, GenConfig, generate, parse_args, write_atomic
 from eval import paired_bootstrap
 from model import GeoBackbone, GeoConfig, geo_loss, init_weights, relative_to_view0
 from model import flops_per_sample as geo_flops_per_sample
@@ -87,7 +93,8 @@ class TrainConfig:
     micro_batch: int = 0        # samples per forward pass on each rank; 0 = batch_size / world size (no accumulation)
     num_views: int = 4          # geo, psfm: views per sample (view 0 is the reference)
     samples_per_scene: int = 1  # geo, psfm: samples (view subsets) per scene in an epoch
-    view_sampling: str = "walk"  # geo, psfm: "walk" = consecutive video frames (they overlap); "random" = any views
+    tasks: str = ""             # vlm: train on these tasks only (comma-separated; empty: all)
+    view_sampling: str = "near"  # geo, psfm: "near" = views near a random view 0 (they overlap); "random" = any
     lr: float = 2e-3            # geo, psfm: peak learning rate
     lr_lm: float = 2e-3         # vlm: per-module peak learning rates
     lr_vision: float = 5e-4
@@ -172,8 +179,8 @@ def stage_config(flat_args, stage, preset, all_stages):
     cfg.data = cfg.data or DATA_DEFAULTS[preset]["out"]
     cfg.init_geo = cfg.init_geo or os.path.join(root, "geo")
     cfg.init_spa3r = cfg.init_spa3r or os.path.join(root, "psfm")
-    if cfg.view_sampling not in ("walk", "random"):
-        raise SystemExit(f"--view_sampling must be 'walk' or 'random', got {cfg.view_sampling!r}")
+    if cfg.view_sampling not in ("near", "random"):
+        raise SystemExit(f"--view_sampling must be 'near' or 'random', got {cfg.view_sampling!r}")
     if cfg.spa3r not in ("psfm", "none", "oracle"):
         raise SystemExit(f"--spa3r must be 'psfm', 'none' or 'oracle', got {cfg.spa3r!r}")
     for name in ("steps", "batch_size", "log_every", "save_every") + (("eval_samples",) if cfg.eval_every else ()):
@@ -340,7 +347,18 @@ def build_psfm(cfg, model_args):
 def view_datasets(cfg, res):
     def views(split, samples_per_scene):
         return data.SceneViewsDataset(cfg.data, split, cfg.num_views, res, cfg.seed, samples_per_scene, cfg.view_sampling)
-    return views("train", cfg.samples_per_scene), views("val", 1)
+    val = views("val", 1)
+    val.samples_per_scene = max(1, math.ceil(cfg.eval_samples / len(val.ids)))  # distinct view sets, no repeats
+    return views("train", cfg.samples_per_scene), val
+
+
+def task_list(tasks):
+    """--tasks=a,b -> ("a", "b"); an unknown task name is refused."""
+    names = tuple(t for t in tasks.split(",") if t)
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"--tasks: unknown task {unknown[0]!r}; the tasks are {', '.join(TASKS)}")
+    return names
 
 
 def build_vlm(cfg, model_args):
@@ -370,7 +388,8 @@ def build_vlm(cfg, model_args):
     collate = partial(vlm.collate, tokenizer=tokenizer, config=config)
     res = geo_config.image_size
     return Stage("vlm", model, config, model.param_groups(lrs, cfg.weight_decay),
-                 *(data.QADataset(cfg.data, split, res, oracle=cfg.spa3r == "oracle") for split in ("train", "val")),
+                 *(data.QADataset(cfg.data, split, res, oracle=cfg.spa3r == "oracle", tasks=task_list(cfg.tasks))
+                   for split in ("train", "val")),
                  collate)
 
 
@@ -1014,6 +1033,7 @@ def stage_gates(stage, cfg, run):
     def batches(dataset, count, spread=False):
         # QA records come grouped by scene and task: a seeded spread makes partners from other scenes common
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed)) if spread else None
+        count = min(count, len(dataset))  # never the same sample twice: the intervals assume distinct samples
         count = max(GATE_BATCH, count - count % GATE_BATCH)
         for first in range(0, count, GATE_BATCH):
             picks = [i % len(dataset) for i in range(first, first + GATE_BATCH)]

@@ -103,12 +103,13 @@ def val_loss(folder):
 
 
 def test_checkpoints_reproduce_the_validation_loss_logged_at_their_step(single, data_dir):
-    """The first 6 held-out samples (scene p % 2), evaluated in one batch outside train.py."""
+    """The 6 held-out samples (3 view sets of each of the 2 scenes), evaluated in one batch outside train.py."""
     geo_config, geo_state = train.load_geo_checkpoint(os.path.join(single, "geo"))
     backbone = GeoBackbone(geo_config)
     backbone.load_state_dict(geo_state)
-    views = train.data.SceneViewsDataset(data_dir, "val", num_views=4, res=32, seed=0)
-    batch = train.data.collate_views([views[p % 2] for p in range(6)])
+    views = train.data.SceneViewsDataset(data_dir, "val", num_views=4, res=32, seed=0, samples_per_scene=3,
+                                         view_sampling="near")
+    batch = train.data.collate_views([views[p] for p in range(6)])
     with torch.no_grad():
         loss, _ = geo_loss(backbone(batch["images"]), batch)
     assert loss.item() == pytest.approx(val_loss(os.path.join(single, "geo")), rel=1e-5)
