@@ -383,14 +383,15 @@ def build_vlm(cfg, model_args):
     model = vlm.SpaVLM(config, tokenizer)
     if state is not None:
         model.init_from_psfm(state)
+    train_set, val_set = (data.QADataset(cfg.data, split, geo_config.image_size, oracle=cfg.spa3r == "oracle",
+                                         tasks=task_list(cfg.tasks)) for split in ("train", "val"))
+    collate = partial(vlm.collate, tokenizer=tokenizer, config=config)
+    if cfg.spa3r == "psfm" and len(train_set):  # the adapter's fixed standardisation of the frozen latent
+        picks = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))[:256].tolist()
+        model.set_latent_statistics(collate([train_set[i] for i in picks[k:k + 32]]) for k in range(0, len(picks), 32))
     lrs = {"lm": cfg.lr_lm, "vision": cfg.lr_vision, "projector": cfg.lr_projector, "adapter": cfg.lr_adapter,
            "spa3r": cfg.lr_spa3r}
-    collate = partial(vlm.collate, tokenizer=tokenizer, config=config)
-    res = geo_config.image_size
-    return Stage("vlm", model, config, model.param_groups(lrs, cfg.weight_decay),
-                 *(data.QADataset(cfg.data, split, res, oracle=cfg.spa3r == "oracle", tasks=task_list(cfg.tasks))
-                   for split in ("train", "val")),
-                 collate)
+    return Stage("vlm", model, config, model.param_groups(lrs, cfg.weight_decay), train_set, val_set, collate)
 
 
 BUILDERS = {"geo": build_geo, "psfm": build_psfm, "vlm": build_vlm}

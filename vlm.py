@@ -332,10 +332,17 @@ class Spa3RAdapter(nn.Module):
     """The paper's spatial branch (hustvl/Spa3R, spa3_vlm/model/spa3_vlm.py): latent -> projector
     (Linear-GELU-Linear to the LM width); each visual token cross-attends to it; LayerNorm; bottleneck MLP
     (width / 4) times a sigmoid gate; added back to the visual token. The bottleneck's last Linear starts at
-    zero, so at initialisation the adapter is the identity and Spa3-VLM is exactly the plain VLM."""
+    zero, so at initialisation the adapter is the identity and Spa3-VLM is exactly the plain VLM.
+
+    One addition: the frozen latent is first standardised per channel with fixed statistics of the training
+    data (set_latent_statistics; identity until set). A small Spa3R's latent varies little from scene to scene
+    next to what all scenes share; unstandardised, the projector learns the shared part, the cross-attention
+    output then differs between scenes only in scale, and the LayerNorm after it erases that."""
 
     def __init__(self, latent_dim, dim, num_heads):
         super().__init__()
+        self.register_buffer("latent_mean", torch.zeros(latent_dim))
+        self.register_buffer("latent_std", torch.ones(latent_dim))
         self.latent_proj = MLP(latent_dim, dim, dim)
         self.cross_attn = CrossAttention(dim, num_heads)
         self.norm = nn.LayerNorm(dim)
@@ -348,6 +355,7 @@ class Spa3RAdapter(nn.Module):
     def forward(self, x, latent, num_images):
         """x (I, n, D) visual tokens of I images; latent (B, L, Ds) one per record; num_images (B,) -> (I, n, D)."""
         index = torch.arange(len(latent), device=x.device).repeat_interleave(num_images)  # (I,) record of each image
+        latent = (latent - self.latent_mean) / self.latent_std
         y = self.norm(self.cross_attn(x, self.latent_proj(latent), index))
         return x + self.bottleneck(y) * torch.sigmoid(self.gate(y))
 
@@ -553,6 +561,14 @@ class SpaVLM(nn.Module):
                 for i, z in zip(group, out):
                     latent[i] = z
         return torch.stack(latent)
+
+    @torch.no_grad()
+    def set_latent_statistics(self, batches):
+        """The adapter's fixed standardisation: per-channel mean and std of the latent over these batches
+        (collate batches of training records), over records and latent tokens."""
+        latents = torch.cat([self.latent(b).flatten(0, 1).float() for b in batches])  # (records * L, Ds)
+        self.adapter.latent_mean.copy_(latents.mean(0))
+        self.adapter.latent_std.copy_(latents.std(0).clamp_min(1e-3))
 
     def latent(self, batch):
         """What each record's visual tokens read through the adapter (B, L, Ds): Spa3R's latent of its images,

@@ -525,3 +525,16 @@ def test_record_losses_average_each_records_answer_tokens():
     for i, item in enumerate(items):  # each record alone: its mean over its own answer tokens
         alone, _ = model(collate([item], TOKENIZER, model.config))
         assert per_record[i].item() == pytest.approx(alone.item(), rel=1e-4)
+
+
+def test_latent_statistics_standardise_the_frozen_latent():
+    model = tiny_vlm()
+    batch = collate(qa_items(), TOKENIZER, model.config)
+    assert torch.equal(model.adapter.latent_mean, torch.zeros(64)) and torch.equal(model.adapter.latent_std, torch.ones(64))
+    model.set_latent_statistics([batch])
+    with torch.no_grad():
+        latent = model.spatial_latent(batch["images"], batch["num_images"]).flatten(0, 1)  # (8 records * 16, 64)
+    standardised = (latent - model.adapter.latent_mean) / model.adapter.latent_std
+    assert torch.allclose(standardised.mean(0), torch.zeros(64), atol=1e-4)
+    assert torch.allclose(standardised.std(0), torch.ones(64), atol=1e-3)
+    assert "adapter.latent_mean" in model.state_dict()  # saved with the checkpoint, as eval must use the same
