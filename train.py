@@ -894,18 +894,20 @@ def psfm_gates(model, batches, seed, num_views):
         generator = masking_generator(seed, 0, k * GATE_BATCH, num_views, validation=True)
         context, target, latent, K, pose = model.context_pass(batch, generator)
         masked = ~context  # (B, V)
-        other = torch.roll(torch.arange(len(K)), 1)
-        hw = batch["images"].shape[-2:]
-        for name, (K_, pose_) in (("own", (K, pose)), ("other", (K[other], pose[other]))):
-            field = model.decode(latent, K_, pose_, hw)
+
+        def field_and_error(K, pose):  # the field along these cameras' rays, its 1 - cos on the unseen views
+            field = model.decode(latent, K, pose, batch["images"].shape[-2:])
             cos = 1 - F.cosine_similarity(model.geo_head(field).float(), target.float(), dim=-1).mean(-1)  # (B, V)
-            errors.setdefault(name, []).append(per_sample(cos, masked))
-            if name == "own":
-                log_depth, valid = patch_log_depth(batch["depth"], p)
-                probe = model.depth_probe(field).squeeze(-1).float()
-                errors.setdefault("probe", []).append(per_sample((probe - log_depth).abs(), valid & masked[..., None]))
-                depths.append(log_depth), depth_valid.append(valid & masked[..., None])
-        targets.append(target.float()), masks.append(masked)
+            return field, per_sample(cos, masked)
+        field, own = field_and_error(K, pose)
+        other = torch.roll(torch.arange(len(K)), 1)  # each sample gets the next sample's cameras
+        errors.setdefault("own", []).append(own)
+        errors.setdefault("other", []).append(field_and_error(K[other], pose[other])[1])
+        log_depth, valid = patch_log_depth(batch["depth"], p)
+        valid = valid & masked[..., None]
+        probe = model.depth_probe(field).squeeze(-1).float()
+        errors.setdefault("probe", []).append(per_sample((probe - log_depth).abs(), valid))
+        targets.append(target.float()), masks.append(masked), depths.append(log_depth), depth_valid.append(valid)
     e = {k: torch.cat(v).cpu() for k, v in errors.items()}
     target, masked, log_depth, valid = torch.cat(targets), torch.cat(masks), torch.cat(depths), torch.cat(depth_valid)
     mean_token = (target * masked[..., None, None]).sum((0, 1)) / masked.sum()  # (N, Dg)
@@ -939,13 +941,14 @@ def probe_targets(batch, rooms):
 
 @torch.no_grad()
 def probe_features(model, random_encoder, batch):
-    """{name: (B, F)}: the Spa3R latent, the per-view mean ViT features, a random encoder's latent."""
+    """{name: (B, F)}: the Spa3R latent, the ViT features, a random encoder's latent, each averaged over its
+    tokens (and views), so that every probe reads the same number of features."""
     images = batch["images"]
     tokens = model.backbone(images)["tokens"]  # (B, V, N, Dg)
     vit = model.backbone.vit(images.flatten(0, 1))[:, model.backbone.config.num_registers:]  # (B * V, N, Dg)
-    return {"latent": model.encoder(tokens, model.grid(images)).flatten(1),
-            "ViT features": vit.mean(1).view(len(images), -1),
-            "random encoder": random_encoder(tokens, model.grid(images)).flatten(1)}
+    return {"latent": model.encoder(tokens, model.grid(images)).mean(1),
+            "ViT features": vit.reshape(len(images), -1, vit.shape[-1]).mean(1),
+            "random encoder": random_encoder(tokens, model.grid(images)).mean(1)}
 
 
 def ridge_fit_predict(train_x, train_y, test_x, lambdas=(1e-2, 1e-1, 1, 10, 100, 1000)):
@@ -1047,9 +1050,11 @@ def stage_gates(stage, cfg, run):
             rows = geo_gates(stage.model, batches(stage.val_set, cfg.eval_samples))
         elif stage.name == "psfm":
             rows = psfm_gates(stage.model, batches(stage.val_set, cfg.eval_samples), cfg.seed, cfg.num_views)
-            rooms_of = lambda batch: [stage.val_set.store.scene(s)["meta"] for s in batch["scene"]]
-            rows += probe_gates(stage.model, batches(stage.train_set, cfg.probe_samples),
-                                batches(stage.val_set, cfg.eval_samples), rooms_of, cfg.seed)
+            # probes on overlapping views: how one camera sits relative to another is only knowable when they overlap
+            probe_train, probe_val = view_datasets(replace(cfg, view_sampling="near"), stage.config[0].image_size)
+            rooms_of = lambda batch: [probe_val.store.scene(s)["meta"] for s in batch["scene"]]
+            rows += probe_gates(stage.model, batches(probe_train, cfg.probe_samples),
+                                batches(probe_val, cfg.eval_samples), rooms_of, cfg.seed)
         else:
             rows = vlm_gates(stage.model, batches(stage.val_set, cfg.eval_samples, spread=True))
     stage.model.train()
