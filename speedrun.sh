@@ -42,7 +42,7 @@ case $SIZE in
     COMMON="--preset=tiny --log_every=10 --eval_every=100000 --eval_samples=8 --save_every=1000"
     GEO="--steps=15"; PSFM="--steps=15 --probe_samples=16"; VLM="--steps=15 --batch_size=8"; SEEDS=1; TASKS= ;;
   cpu)
-    DATA="--scenes=400 --val_scenes=64 --views=12 --random_views=4 --res=32 --qa_per_task=1 --vocab_size=1024 --workers=2"
+    DATA="--scenes=400 --val_scenes=100 --views=12 --random_views=4 --res=32 --qa_per_task=1 --vocab_size=1024 --workers=2"
     COMMON="--preset=tiny --log_every=100 --eval_every=100000 --eval_samples=128 --save_every=100000"
     GEO="--steps=1000 --batch_size=16"; PSFM="--steps=800"; VLM="--steps=300 --batch_size=32"; SEEDS=1 ;;
   ablation)

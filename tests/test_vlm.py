@@ -498,10 +498,10 @@ def test_oracle_arm_reads_its_tokens_and_the_latent_swap_gate_sees_it():
     items = oracle_items()
     batch = collate(items, TOKENIZER, model.config)
     assert batch["oracle"].shape == (4, 5, vlm.ORACLE_DIM) and batch["scenes"] == ["scene0", "scene1", "scene2", "scene3"]
-    gates = train.vlm_gates(model, [batch])  # zero-init adapter: the latent changes nothing yet
-    assert gates[1]["baseline_name"] == "another scene's latent" and gates[1]["diff"] == 0 and not gates[1]["pass"]
+    gate = train.vlm_gates(model, [batch])[0]  # zero-init adapter: the latent changes nothing yet
+    assert gate["baseline_name"] == "another scene's latent" and gate["diff"] == 0 and not gate["pass"]
     opt = torch.optim.AdamW(model.param_groups({k: 3e-3 for k in LRS}, 0.0))
-    for _ in range(150):
+    for _ in range(250):
         loss = model(batch)[0]
         opt.zero_grad()
         loss.backward()
@@ -512,7 +512,7 @@ def test_oracle_arm_reads_its_tokens_and_the_latent_swap_gate_sees_it():
     with torch.no_grad():
         own, swapped = model.record_losses(batch), model.record_losses(batch, torch.tensor([1, 2, 3, 0]))
     assert (swapped > own).all() and (swapped - own).mean() > 0.5
-    latent_gate = train.vlm_gates(model, [batch])[1]
+    latent_gate = train.vlm_gates(model, [batch])[0]
     assert latent_gate["pass"] and latent_gate["diff"] == pytest.approx((own - swapped).mean().item(), rel=1e-4)
 
 
@@ -538,3 +538,17 @@ def test_latent_statistics_standardise_the_frozen_latent():
     assert torch.allclose(standardised.mean(0), torch.zeros(64), atol=1e-4)
     assert torch.allclose(standardised.std(0), torch.ones(64), atol=1e-3)
     assert "adapter.latent_mean" in model.state_dict()  # saved with the checkpoint, as eval must use the same
+
+
+def test_image_swap_gate_of_the_baseline_ties_when_images_cannot_matter():
+    import train
+    model = tiny_vlm(spa3r="none")
+    items = oracle_items()  # blank images: swapping them changes nothing
+    for item, n in zip(items, (1, 2, 1, 2)):
+        item["images"] = torch.zeros(n, 3, 32, 32)
+    gate = train.vlm_gates(model, [collate(items, TOKENIZER, model.config)])[0]
+    assert gate["baseline_name"] == "another scene's images" and gate["n"] == 4 and gate["diff"] == 0
+    items[0]["images"] = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sharpen(model)
+    gate = train.vlm_gates(model, [collate(items, TOKENIZER, model.config)])[0]
+    assert gate["diff"] != 0  # records 0 and 2 (one image each) now read different images
