@@ -452,7 +452,7 @@ def gates_table(sources):
             logged = [row for _, row in read_jsonl(path) if row.get("split") == "gates"]
             rows = logged[-1]["gates"] if logged else [None]
         else:
-            rows = [chance_gate(read_json(path))]
+            rows = [chance_gate(read_result(path))]
         for row in rows:
             if row is None:
                 lines.append(f"| {name} | no gate measured | | | | FAIL |")
@@ -545,6 +545,15 @@ def read_json(path):
         return json.load(f)
 
 
+def read_result(path):
+    """An eval JSON (--json_out) with the per-question scores that --ablation and --gates compare."""
+    result = read_json(path)
+    for field in ("scores", "tasks_of", "model"):
+        if not isinstance(result, dict) or field not in result:
+            raise ValueError(f"{path}: field '{field}' is missing (an eval.py --json_out file of this version has it)")
+    return result
+
+
 def load_questions(data_dir, split):
     import data
     return data.load_qa_jsonl(os.path.join(data_dir, f"qa_{split}.jsonl"))
@@ -559,7 +568,7 @@ def run(cfg, model=None, load_frames=None):
         arms = {}
         for item in cfg.ablation.split(","):
             name, _, paths = item.rpartition("=")
-            arms[name or paths] = [read_json(path) for path in paths.split("+")]
+            arms[name or paths] = [read_result(path) for path in paths.split("+")]
         print(ablation(arms))
         return arms
     if cfg.compare:

@@ -408,3 +408,10 @@ def test_chance_gate_and_gates_table(tmp_path):
     assert table[2] == "| geo | geo: rotation L1 | 0.1000 | identity pose 0.3000 | -0.2000 [-0.2500, -0.1500] | PASS |"
     assert table[3].startswith("| geo | geo: translation L1 |") and table[3].endswith("| FAIL |")
     assert table[4] == "| vlm | no gate measured | | | | FAIL |"
+
+
+def test_ablation_of_an_old_eval_json_names_the_file_and_field(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"model": {"overall": 50.0}}))  # written before per-question scores were kept
+    with pytest.raises(ValueError, match=r"old.json: field 'scores' is missing"):
+        ev.run(ev.parse_args([f"--ablation=a={old},b={old}"]))
