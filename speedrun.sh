@@ -48,7 +48,7 @@ case $SIZE in
   ablation)
     DATA="--scenes=1000 --val_scenes=200 --views=12 --random_views=4 --res=32 --qa_per_task=1 --vocab_size=1024 --workers=2"
     COMMON="--preset=tiny --log_every=100 --eval_every=100000 --eval_samples=192 --save_every=100000"
-    GEO="--steps=3000 --batch_size=16"; PSFM="--steps=2000"; VLM="--steps=400 --batch_size=32"; SEEDS=3 ;;
+    GEO="--steps=3000 --batch_size=16"; PSFM="--steps=4000"; VLM="--steps=400 --batch_size=32"; SEEDS=3 ;;
   gpu)
     DATA="--scenes=512 --val_scenes=32 --res=224 --workers=8"
     COMMON="--preset=reference --log_every=20 --eval_every=100000 --eval_samples=512 --save_every=500"
