@@ -192,6 +192,12 @@ class SceneStore:
         return images
 
 
+    def oracle(self, record):
+        """The oracle arm's true 3D tokens of a record (oracle_tokens, defined with the oracle arm below)."""
+        scene = self.scene(record["scene"])
+        return oracle_tokens(scene["meta"], scene["pose"], record)
+
+
 def scene_ids(data_dir, split):
     """Scene ids of a split, sorted, read from the scene jsons."""
     scene_dir = os.path.join(data_dir, "scenes")
@@ -330,8 +336,7 @@ class QADataset(torch.utils.data.Dataset):
         item = {"id": record["id"], "task": record["task"], "images": images, "question": record["question"],
                 "answer": record["answer"], "record": record}
         if self.oracle:  # the ablation's oracle arm: true 3D tokens (see oracle_tokens)
-            scene = self.store.scene(record["scene"])
-            item["oracle"] = oracle_tokens(scene["meta"], scene["pose"], record)
+            item["oracle"] = self.store.oracle(record)
         return item
 
 

@@ -273,12 +273,7 @@ def scene_frames(data_dir, res=None):
 def scene_oracle(data_dir):
     """load_oracle for predict: the oracle arm's true 3D tokens of a record (data.oracle_tokens)."""
     import data
-    store = data.SceneStore(data_dir)
-
-    def load_oracle(record):
-        scene = store.scene(record["scene"])
-        return data.oracle_tokens(scene["meta"], scene["pose"], record)
-    return load_oracle
+    return data.SceneStore(data_dir).oracle
 
 
 def predict(model, records, load_frames, batch_size=16, load_oracle=None):
@@ -333,6 +328,14 @@ def from_vsibench(row):
 # -----------------------------------------------------------------------------
 # Paired comparisons: is system A better than system B on the same questions?
 
+def stratified_mean(values, strata):
+    """Mean over strata of each stratum's mean (a benchmark's overall is the mean over its tasks)."""
+    groups = defaultdict(list)
+    for value, stratum in zip(values, strata):
+        groups[stratum].append(value)
+    return _mean(_mean(g) for g in groups.values())
+
+
 def paired_bootstrap(differences, strata=None, samples=2000, seed=0):
     """Mean of per-item differences and its 95 % percentile bootstrap interval: (mean, low, high).
     Items are resampled with replacement; with strata (one label per item) they are resampled within each
@@ -346,9 +349,8 @@ def paired_bootstrap(differences, strata=None, samples=2000, seed=0):
         group = d[labels == k]
         means += group[rng.integers(0, len(group), (samples, len(group)))].mean(1)
     means /= labels.max() + 1
-    point = np.mean([d[labels == k].mean() for k in range(labels.max() + 1)])
     low, high = np.percentile(means, [2.5, 97.5])
-    return float(point), float(low), float(high)
+    return float(stratified_mean(d.tolist(), labels.tolist())), float(low), float(high)
 
 
 def evaluate(records, predictions, train=None):
@@ -437,7 +439,7 @@ def chance_gate(result):
         return None
     strata = [result["tasks_of"][q] for q in ids]
     diff, lo, hi = paired_bootstrap([100 * (result["scores"][q] - result["chance_frequency_scores"][q]) for q in ids], strata)
-    model, _, _ = paired_bootstrap([100 * result["scores"][q] for q in ids], strata)
+    model = stratified_mean([100 * result["scores"][q] for q in ids], strata)
     return {"gate": "held-out score (points)", "model": model, "baseline": model - diff,
             "baseline_name": "chance (frequency)", "diff": diff, "lo": lo, "hi": hi, "n": len(ids), "pass": lo > 0}
 
@@ -483,7 +485,7 @@ def ablation(arms):
         cells = [name, str(len(overall)), ", ".join(f"{o:.2f}" for o in overall), f"{sum(overall) / len(overall):.2f}"]
         for subset in (ids, [q for q in ids if tasks[q] in THREE_D_TASKS]):
             strata = [tasks[q] for q in subset]
-            mean, _, _ = paired_bootstrap([100 * per_question[name][q] for q in subset], strata)
+            mean = stratified_mean([100 * per_question[name][q] for q in subset], strata)
             if name == reference:
                 cells += ["–"] if subset is ids else [f"{mean:.2f}", "–"]
                 continue
