@@ -115,10 +115,10 @@ def measure(name, bench, preset, device):
     optimizer = train.make_optimizer(stage.groups, device)
     runner = torch.compile(stage.model) if cfg.compile else stage.model
     for step in range(bench.warmup):
-        train.train_step(stage, runner, optimizer, [batch], step, cfg, run, train.Window())
+        train.train_step(stage, runner, optimizer, [batch], step, cfg, run, train.Window(device))
     sync = getattr(torch, device.type).synchronize  # torch.cpu.synchronize() is a no-op
     sync()
-    window = train.Window()  # its clock starts here; it counts samples and train.batch_flops per step
+    window = train.Window(device)  # its clock starts here; it counts samples and train.batch_flops per step
     for step in range(bench.warmup, bench.warmup + bench.steps):
         train.train_step(stage, runner, optimizer, [batch], step, cfg, run, window)
     sync()

@@ -15,13 +15,14 @@ the scene store that serves frames as tensors, the two datasets -- SceneViewsDat
 
 import json
 import os
+import re
 from collections import OrderedDict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from generate_spar import CATEGORY_NAMES, SEMANTIC_CLASSES, SHELL_IDS, draw_markers
+from generate_spar import CATEGORY_NAMES, MARKER_RGB, SEMANTIC_CLASSES, SHELL_IDS, draw_markers
 
 # -----------------------------------------------------------------------------
 # QA records
@@ -37,13 +38,16 @@ def check_record(record, where):
     for field in ("id", "scene", "task", "question", "answer"):
         if not isinstance(record.get(field), str):
             raise ValueError(f"{where}: field '{field}' must be a string, got {record.get(field)!r}")
+    scene = record["scene"]
+    if not scene or os.path.isabs(scene) or os.path.normpath(scene).split(os.sep)[0] == "..":
+        raise ValueError(f"{where}: field 'scene' must name a scene inside the data folder's scenes/, got {scene!r}")
     if record.get("format_type") not in FORMATS:
         raise ValueError(f"{where}: field 'format_type' must be one of {FORMATS}, got {record.get('format_type')!r}")
     if record.get("img_type") not in IMG_TYPES:
         raise ValueError(f"{where}: field 'img_type' must be one of {IMG_TYPES}, got {record.get('img_type')!r}")
     image = record.get("image")
     # empty only in scoring-only records (eval.from_vsibench: VSI-Bench's videos are not our frames)
-    if not (isinstance(image, list) and all(isinstance(i, int) and i >= 0 for i in image)):
+    if not (isinstance(image, list) and all(is_int(i) and i >= 0 for i in image)):
         raise ValueError(f"{where}: field 'image' must be a list of frame indices, got {image!r}")
     options = record.get("options")
     if record["format_type"] == "select":
@@ -51,23 +55,85 @@ def check_record(record, where):
             raise ValueError(f"{where}: field 'options' must be a list of at least 2 strings for a select question")
         if record["answer"] not in "ABCDEFGH"[:len(options)] or len(record["answer"]) != 1:
             raise ValueError(f"{where}: field 'answer' must be an option letter, got {record['answer']!r}")
-    for marker in record.get("markers", []):
-        if not (isinstance(marker, dict) and isinstance(marker.get("image"), int) and 0 <= marker["image"] < len(image)
-                and isinstance(marker.get("point"), list) and len(marker["point"]) == 2):
-            raise ValueError(f"{where}: field 'markers' holds a malformed marker {marker!r}")
+    markers = record.get("markers", [])
+    if not isinstance(markers, list):
+        raise ValueError(f"{where}: field 'markers' must be a list, got {markers!r:.60}")
+    for marker in markers:
+        check_marker(marker, len(image), where)
+
+
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no frame index
+
+
+def is_numbers(value, count):
+    """A list of `count` finite numbers (a NaN point would be drawn as nothing while the question names it)."""
+    return (isinstance(value, list) and len(value) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value))
+
+
+def check_marker(marker, num_images, where):
+    """A marker: {"image": slot of the record's images, "point": [x, y] on the 0-1000 grid, "color", "box"?}."""
+    if not isinstance(marker, dict):
+        raise ValueError(f"{where}: field 'markers' holds {marker!r:.60}, not an object")
+    if not (is_int(marker.get("image")) and 0 <= marker["image"] < num_images):
+        raise ValueError(f"{where}: field 'markers.image' must be an image slot 0..{num_images - 1}, got {marker.get('image')!r}")
+    if not is_numbers(marker.get("point"), 2):
+        raise ValueError(f"{where}: field 'markers.point' must be two finite numbers, got {marker.get('point')!r:.60}")
+    if not (isinstance(marker.get("color"), str) and marker["color"] in MARKER_RGB):
+        raise ValueError(f"{where}: field 'markers.color' must be one of {', '.join(MARKER_RGB)}, got {marker.get('color')!r:.60}")
+    if "box" in marker and not is_numbers(marker["box"], 4):
+        raise ValueError(f"{where}: field 'markers.box' must be four finite numbers, got {marker['box']!r:.60}")
+
+
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')  # a string in JSON text (it never spans lines)
+
+
+def parse_json(raw, path, first_line=1):
+    """The bytes of a JSON file, or of one JSONL line numbered first_line -> its value. Bytes that are not UTF-8,
+    text that is not JSON, and a lone surrogate escape ("\\ud800": json accepts it, but it is no character, so
+    printing or tokenising it fails later) are a ValueError naming file and line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = first_line + raw[:error.start].count(b"\n")
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({error.reason})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{first_line + error.lineno - 1}: not valid JSON ({error.msg})") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        line = next(first_line + text.count("\n", 0, m.start()) for m in JSON_STRING.finditer(text)
+                    if not is_utf8(json.loads(m.group())))
+        raise ValueError(f"{path}:{line}: not UTF-8 text (a string holds a lone surrogate)") from None
+    return value
+
+
+def is_utf8(text):
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: file not found" + (" (it is a folder)" if os.path.isdir(path) else ""))
+    with open(path, "rb") as f:
+        return parse_json(f.read(), path)
 
 
 def read_jsonl(path):
     """(line number, parsed JSON) for each non-blank line; a bad line is a ValueError naming file and line."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: file not found" + (" (it is a folder)" if os.path.isdir(path) else ""))
+    with open(path, "rb") as f:
         for line_number, line in enumerate(f, 1):
             if line.strip():
-                try:
-                    yield line_number, json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+                yield line_number, parse_json(line.rstrip(b"\r\n"), path, line_number)
 
 
 def load_qa_jsonl(path):
@@ -102,11 +168,7 @@ def load_scene(path):
         arrays = load_file(tensor_path)
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{tensor_path}: unreadable safetensors file ({error})") from None
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{meta_path}: not valid JSON ({error.msg})") from None
+    meta = read_json(meta_path)
     check_scene(arrays, meta, tensor_path, meta_path)
     scene = {key: arrays[key] for key in ("rgb", "instance", "K", "pose")}
     scene["depth"] = arrays["depth"].astype(np.float32)
@@ -132,11 +194,32 @@ def check_scene(arrays, meta, tensor_path, meta_path):
     for key in ("K", "pose"):
         if not np.all(np.isfinite(arrays[key])):
             raise ValueError(f"{tensor_path}: tensor '{key}' holds non-finite values")
+    check_rigid(arrays["pose"], tensor_path)
     if not isinstance(meta, dict) or not isinstance(meta.get("objects"), list):
         raise ValueError(f"{meta_path}: field 'objects' must be a list")
+    for i, obj in enumerate(meta["objects"]):
+        if not (isinstance(obj, dict) and isinstance(obj.get("category"), str)):
+            raise ValueError(f"{meta_path}: field 'objects[{i}].category' must be a string")
+        for key in ("center", "size"):
+            if not is_numbers(obj.get(key), 3):
+                raise ValueError(f"{meta_path}: field 'objects[{i}].{key}' must be three finite numbers")
+    low, high = int(arrays["instance"].min()), int(arrays["instance"].max())
+    if low < min(SHELL_IDS.values()) - 1 or high >= len(meta["objects"]):
+        raise ValueError(f"{tensor_path}: tensor 'instance' holds ids {low}..{high}; allowed are "
+                         f"{min(SHELL_IDS.values()) - 1}..-1 (room, unknown) and 0..{len(meta['objects']) - 1} (objects)")
     frames = meta.get("video_frames")
     if not (isinstance(frames, int) and 1 <= frames <= views):
         raise ValueError(f"{meta_path}: field 'video_frames' must be an integer in 1..{views}, got {frames!r}")
+
+
+def check_rigid(pose, path):
+    """Camera-to-world matrices must be rigid: a rotation (orthonormal, det +1) and a last row 0 0 0 1."""
+    R = pose[:, :3, :3].astype(np.float64)
+    orthonormal = np.abs(R.transpose(0, 2, 1) @ R - np.eye(3)).max(axis=(1, 2)) < 1e-3
+    bad = ~orthonormal | (np.linalg.det(R) < 0) | (np.abs(pose[:, 3] - [0, 0, 0, 1]).max(axis=1) > 1e-6)
+    if bad.any():
+        raise ValueError(f"{path}: tensor 'pose' of view {int(np.argmax(bad))} is not a rigid camera-to-world "
+                         "matrix (rotation and translation, last row 0 0 0 1)")
 
 
 def semantic_map(instance, objects):
@@ -206,9 +289,13 @@ def scene_ids(data_dir, split):
     ids = []
     for name in sorted(os.listdir(scene_dir)):
         if name.endswith(".json"):
-            with open(os.path.join(scene_dir, name)) as f:
-                if json.load(f).get("split") == split:
-                    ids.append(name[:-len(".json")])
+            path = os.path.join(scene_dir, name)
+            meta = read_json(path)
+            if not isinstance(meta, dict) or meta.get("split") not in ("train", "val"):
+                got = meta.get("split") if isinstance(meta, dict) else f"a {type(meta).__name__}"
+                raise ValueError(f"{path}: field 'split' must be 'train' or 'val', got {got!r}")
+            if meta["split"] == split:
+                ids.append(name[:-len(".json")])
     return ids
 
 

@@ -14,7 +14,8 @@ What a score means (design.md section 7; README says where and why the official 
 - fill answers score MRA: the mean over θ in {0.50, 0.55, ..., 0.95} of [|ŷ - y| / |y| < 1 - θ], with ŷ the first
   number in the prediction and y the ground truth (never the prediction) in the denominator. It is computed in
   exact rational arithmetic, so an error of exactly 5 % fails θ = 0.95 whatever float rounding would say.
-  A prediction without a number scores 0. A ground truth of 0 has no relative error: only ŷ = 0 scores (1).
+  A prediction without a number scores 0, as does one with a number of over 4300 digits (Python will not
+  convert it; the report counts them). A ground truth of 0 has no relative error: only ŷ = 0 scores (1).
   An answer of several numbers (view_change_infer: "right, forward, yaw") scores the mean MRA over its values,
   matched in order with the prediction's first numbers; values the prediction lacks score 0.
 - select answers score accuracy of the letter extract_letter finds; an empty answer scores 0.
@@ -59,6 +60,15 @@ NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d{1,2}(?!\d))?")
 def parse_numbers(text):
     """All numbers in text, in order, as exact fractions: "about 2.5 m" -> [5/2]."""
     return [Fraction(m) for m in NUMBER.findall(text)]
+
+
+def prediction_numbers(prediction):
+    """parse_numbers of a prediction, or None if it holds a number of more digits than Python turns into an int
+    (sys.get_int_max_str_digits(), 4300): that answer scores 0 and the report counts it, not a stopped run."""
+    try:
+        return parse_numbers(prediction)
+    except ValueError:
+        return None
 
 
 OPTION_PREFIX = re.compile(r"\s*[A-Za-z][.)]\s*")                  # "B. " in front of an option's text
@@ -133,7 +143,8 @@ def score_record(record, prediction):
         return 0.0
     if record["format_type"] == "select":
         return float(extract_letter(prediction, record["options"]) == record["answer"].strip().upper())
-    return score_numbers(parse_numbers(prediction), truth_numbers(record))
+    numbers = prediction_numbers(prediction)
+    return 0.0 if numbers is None else score_numbers(numbers, truth_numbers(record))
 
 
 # -----------------------------------------------------------------------------
@@ -361,6 +372,8 @@ def evaluate(records, predictions, train=None):
     return {
         "n_questions": len(records),
         "n_missing": sum(r["id"] not in predictions for r in records),
+        "unreadable": [r["id"] for r in records if r["format_type"] == "fill" and r["id"] in predictions
+                       and prediction_numbers(predictions[r["id"]]) is None],
         "counts": dict(Counter(r["task"] for r in records)),
         "model": summarize(records, scores),
         "scores": {r["id"]: score for r, score in zip(records, scores)},
@@ -542,23 +555,29 @@ def parse_args(argv):
     return cfg
 
 
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def read_result(path):
-    """An eval JSON (--json_out) with the per-question scores that --ablation and --gates compare."""
-    result = read_json(path)
-    for field in ("scores", "tasks_of", "model"):
+def read_result(path, needed=("scores", "tasks_of", "model")):
+    """An eval JSON (--json_out) with the fields a table reads: the per-question scores that --ablation and
+    --gates compare, or (--compare) the summaries."""
+    import data
+    result = data.read_json(path)
+    for field in needed:
         if not isinstance(result, dict) or field not in result:
             raise ValueError(f"{path}: field '{field}' is missing (an eval.py --json_out file of this version has it)")
     return result
 
 
 def load_questions(data_dir, split):
+    """The questions of a split. A task this file does not know (a misspelling) is an error: its questions would
+    count in `overall` but appear in no table."""
     import data
-    return data.load_qa_jsonl(os.path.join(data_dir, f"qa_{split}.jsonl"))
+    path = os.path.join(data_dir, f"qa_{split}.jsonl")
+    records = data.load_qa_jsonl(path)
+    for record in records:
+        if record["task"] not in TASK_LEVEL:
+            line = next(n for n, row in data.read_jsonl(path) if row["id"] == record["id"])  # ids are unique
+            raise ValueError(f"{path}:{line}: field 'task': unknown task {record['task']!r} "
+                             f"(known: {', '.join(TASK_LEVEL)})")
+    return records
 
 
 def run(cfg, model=None, load_frames=None):
@@ -577,10 +596,13 @@ def run(cfg, model=None, load_frames=None):
         results = {}
         for item in cfg.compare.split(","):
             name, _, path = item.rpartition("=")
-            results[name or path] = read_json(path)
+            results[name or path] = read_result(path, ("model", "counts", "n_questions", "chance_uniform",
+                                                        "chance_frequency"))
         print(compare(results))
         return results
     records = load_questions(cfg.data, cfg.split)
+    if not records:  # else the report would be `overall: 0.00`, as if every answer were wrong
+        raise ValueError(f"{os.path.join(cfg.data, f'qa_{cfg.split}.jsonl')}: no questions to score")
     if cfg.tasks:
         records = [r for r in records if r["task"] in cfg.tasks.split(",")]
         if not records:
@@ -605,6 +627,9 @@ def run(cfg, model=None, load_frames=None):
         print(f"note: no {train_path}: the chance baselines are left out")
     if result["n_missing"]:
         print(f"note: {result['n_missing']} of {len(records)} questions have no prediction; they score 0")
+    if result["unreadable"]:
+        print(f"note: {len(result['unreadable'])} of {len(records)} predictions hold a number too long to read "
+              f"(first: {result['unreadable'][0]!r}); they score 0")
     print(report(result))
     if cfg.json_out:
         write_atomic(cfg.json_out, (json.dumps({"config": asdict(cfg), **result}, indent=1) + "\n").encode())
@@ -614,5 +639,7 @@ def run(cfg, model=None, load_frames=None):
 if __name__ == "__main__":
     try:
         run(parse_args(sys.argv[1:]))
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         raise SystemExit(f"eval.py: {e}")
+    except OSError as e:  # a path that is a directory, missing or unreadable: one line naming it, not a traceback
+        raise SystemExit(f"eval.py: {e.filename}: {e.strerror}" if e.filename else f"eval.py: {e}")

@@ -1642,19 +1642,27 @@ def bench(res=224, objects=30, frames=50):
           f"CPU second ({1000 * cpu / frames:.2f} ms/frame; wall {frames / elapsed:.1f} frames/s)")
 
 
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def parse_args(argv, config):
-    """--key=value overrides of a dataclass config (bare --flag sets a bool or int field to true / 1)."""
+    """--key=value overrides of a dataclass config (bare --flag sets a bool or int field to true / 1).
+    Bools are true|false|1|0|yes|no and nothing else: a misspelt --resume=ture must not mean false."""
     kinds = {f.name: f.type for f in fields(config)}
     for arg in argv:
-        key, _, value = arg.lstrip("-").partition("=")
+        key, equals, value = arg.lstrip("-").partition("=")
         key = key.replace("-", "_")
         if not arg.startswith("--") or key not in kinds:
             raise SystemExit(f"unknown argument {arg!r}; options: " + " ".join(f"--{k}" for k in kinds))
         kind = kinds[key]
-        if kind is bool:
-            setattr(config, key, value.lower() in ("", "1", "true", "yes"))
-        elif value == "" and kind is int:
-            setattr(config, key, 1)
+        if not equals and kind in (bool, int):
+            setattr(config, key, True if kind is bool else 1)
+        elif kind is bool:
+            if value.lower() not in BOOLS:
+                raise SystemExit(f"--{key}: expected true or false, got {value!r}")
+            setattr(config, key, BOOLS[value.lower()])
+        elif value == "" and kind is not str:
+            raise SystemExit(f"--{key}: expected {kind.__name__}, got nothing")
         else:
             try:
                 setattr(config, key, kind(value))

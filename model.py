@@ -26,7 +26,7 @@ camera has cx = W / 2. Everything runs in fp32 on CPU; on CUDA train.py wraps ca
 camera geometry below switches autocast off so poses and rays stay fp32.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,7 @@ class GeoConfig:
     rope_base: float = 100.0
 
     def __post_init__(self):
+        check_fields(self, "model.py", positive=("image_size", "patch_size", "dim", "num_heads", "vit_depth", "cross_depth"))
         if (self.dim // self.num_heads) % 8:
             raise ValueError(f"model.py: GeoConfig head_dim (dim / num_heads) must be a multiple of 8, got {self.dim // self.num_heads}")
         if self.image_size % self.patch_size:
@@ -60,6 +61,20 @@ class GeoConfig:
         # 224 / 14 = a 16 x 16 grid (256 tokens a view), VGGT's and DINOv2's patch size; ViT-S width.
         return cls(image_size=224, patch_size=14, dim=384, num_heads=6, vit_depth=6, cross_depth=6,
                    num_registers=4)
+
+
+def check_fields(config, where, positive=()):
+    """Each field of a config dataclass holds its declared type (a config.json can hold "64" or true anywhere;
+    an int is a float too, a bool is no int) and the sizes named in `positive` are at least 1."""
+    name = type(config).__name__
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(f.type, type) and not (isinstance(value, f.type) or f.type is float and isinstance(value, int)) \
+                or isinstance(value, bool) and f.type is not bool:
+            raise ValueError(f"{where}: {name}.{f.name} must be {f.type.__name__}, got {value!r:.40}")
+    for size in positive:
+        if getattr(config, size) < 1:
+            raise ValueError(f"{where}: {name}.{size} must be at least 1, got {getattr(config, size)}")
 
 
 # ----------------------------------------------------------------------------- 2D RoPE

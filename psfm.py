@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (MLP, Block, apply_rope, block_flops, check_batch, grid_positions, init_weights, invert_rigid,
+from model import (MLP, Block, apply_rope, block_flops, check_batch, check_fields, grid_positions, init_weights, invert_rigid,
                    masked_mean, patchify, relative_to_view0, rope_cos_sin)
 
 
@@ -52,6 +52,7 @@ class Spa3RConfig:
     rope_base: float = 100.0
 
     def __post_init__(self):
+        check_fields(self, "psfm.py", positive=("dim", "num_queries", "encoder_depth", "decoder_depth", "num_heads", "num_classes"))
         if self.camera_attention not in ("plucker", "prope"):
             raise ValueError(f"psfm.py: Spa3RConfig.camera_attention must be 'plucker' or 'prope', got {self.camera_attention!r}")
         if self.pose_source not in ("pred", "gt"):

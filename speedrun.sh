@@ -14,9 +14,10 @@
 #   ablation  the decisive size: more data, steps and seeds, under 30 minutes on a 2-core CPU
 #   gpu       reference-size models and data for one GPU (not yet run on a GPU: budgets are estimates)
 #   test      a smaller still version that the test suite runs
+#   --out=DIR relative to the current directory; default out/ beside this script. Data already in DIR is
+#             reused only if it was generated for the same size (DIR/data.args records the generator's arguments).
 # Every size runs the same code; only the numbers below differ.
 set -euo pipefail
-cd "$(dirname "$0")"
 
 SIZE=${SIZE:-cpu}
 OUT=${OUT:-}
@@ -27,7 +28,14 @@ for arg in "$@"; do
     *) echo "speedrun.sh: unknown argument $arg (use --size=cpu|ablation|gpu|test, --out=DIR)" >&2; exit 2 ;;
   esac
 done
-OUT=${OUT:-out}
+# A relative --out is relative to the caller's directory: made absolute before the cd into the repository.
+case $OUT in ''|/*) ;; *) OUT=$PWD/$OUT ;; esac
+cd "$(dirname "$0")"
+OUT=${OUT:-$PWD/out}
+# The report hands eval.py lists NAME=path,NAME=path (seeds joined by '+'): the path must not hold those characters.
+case $OUT in *[,=+]*)
+  echo "speedrun.sh: --out must not contain ',', '=' or '+' (eval.py's list separators), got '$OUT'" >&2; exit 2 ;;
+esac
 
 # Validation and gates run once, at the end of each stage (--eval_every larger than any stage's steps).
 # geo learns relative pose from views that overlap (--view_sampling=near); psfm predicts views anywhere in the
@@ -56,23 +64,36 @@ case $SIZE in
   *) echo "speedrun.sh: --size must be cpu, ablation, gpu or test, got '$SIZE'" >&2; exit 2 ;;
 esac
 
+# Data already in OUT is reused only if the generator made it with the same arguments (recorded in OUT/data.args).
+GEN_ARGS="--seed=0 $DATA"
+if [ -f "$OUT/data/qa_val.jsonl" ]; then
+  recorded=$(cat "$OUT/data.args" 2>/dev/null || echo "unrecorded arguments")
+  [ "$recorded" = "$GEN_ARGS" ] || { echo "speedrun.sh: $OUT/data was generated with '$recorded'," \
+    "--size=$SIZE needs '$GEN_ARGS': use another --out or remove $OUT/data" >&2; exit 1; }
+fi
+
 start=$(date +%s)
 python -c "import torch, numpy, safetensors, tokenizers, tqdm" \
   || { echo "speedrun.sh: install first: pip install torch==2.13.0 && pip install -r requirements.txt" >&2; exit 1; }
 mkdir -p "$OUT"
 
 echo "== data"
-[ -f "$OUT/data/qa_val.jsonl" ] || python generate_spar.py --out="$OUT/data" --seed=0 $DATA
+if [ ! -f "$OUT/data/qa_val.jsonl" ]; then
+  python generate_spar.py --out="$OUT/data" $GEN_ARGS
+  echo "$GEN_ARGS" > "$OUT/data.args"
+fi
+# --resume: a rerun goes on where the last one stopped, and a finished stage is skipped (train.py refuses to
+# start over in a folder that holds a checkpoint).
 echo "== stage geo"
-python train.py --stage=geo --data="$OUT/data" --out="$OUT/geo" $COMMON $GEO_VIEWS $GEO
+python train.py --resume --stage=geo --data="$OUT/data" --out="$OUT/geo" $COMMON $GEO_VIEWS $GEO
 echo "== stage psfm"
-python train.py --stage=psfm --data="$OUT/data" --init_geo="$OUT/geo" --out="$OUT/psfm" $COMMON $PSFM_VIEWS $PSFM
+python train.py --resume --stage=psfm --data="$OUT/data" --init_geo="$OUT/geo" --out="$OUT/psfm" $COMMON $PSFM_VIEWS $PSFM
 ARMS="none psfm oracle"  # the baseline first: the ablation compares every arm with it
 for seed in $(seq 0 $((SEEDS - 1))); do
   for arm in $ARMS; do
     echo "== stage vlm: --spa3r=$arm, seed $seed"
     dir="$OUT/vlm_${arm}_s$seed"
-    python train.py --stage=vlm --spa3r=$arm --seed=$seed --data="$OUT/data" --init_geo="$OUT/geo" \
+    python train.py --resume --stage=vlm --spa3r=$arm --seed=$seed --data="$OUT/data" --init_geo="$OUT/geo" \
       --init_spa3r="$OUT/psfm" --out="$dir" --tasks="$TASKS" $COMMON $VLM
     python eval.py --ckpt="$dir" --data="$OUT/data" --split=val --tasks="$TASKS" --json_out="$dir/eval.json" > "$dir/eval.txt"
   done

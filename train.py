@@ -42,16 +42,18 @@ Reading order: TrainConfig and presets; processes and devices; the sample stream
 loss, FLOPs); optimizer and schedule; checkpoints; logging; validation; gates; the loop; main.
 """
 import base64
+import errno
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from datetime import timedelta
 from functools import lru_cache, partial
@@ -65,6 +67,7 @@ from tqdm import tqdm
 
 import data
 import vlm
+from data import read_json
 from generate_spar import TASKS, GenConfig, generate, parse_args, write_atomic
 from eval import paired_bootstrap
 from model import GeoBackbone, GeoConfig, geo_loss, init_weights, relative_to_view0
@@ -84,6 +87,7 @@ class TrainConfig:
     data: str = ""              # data directory, generated if absent; empty: data/spar, or data/spar_tiny (tiny)
     out: str = ""               # checkpoint directory; empty: out/<stage>; without --stage: the parent of the three
     resume: bool = False        # continue from the checkpoint in --out (a fresh start when there is none yet)
+    overwrite: bool = False     # start over in an --out that holds a checkpoint (refused without this or --resume)
     init_geo: str = ""          # psfm, and vlm with --spa3r=none: the geo checkpoint; empty: out/geo; "none": random
     init_spa3r: str = ""        # vlm: the psfm checkpoint (Spa3R and the vision ViT's start); empty: out/psfm
     spa3r: str = "psfm"         # vlm: "psfm" = Spa3-VLM; "none" = the baseline VLM without the spatial branch;
@@ -183,9 +187,14 @@ def stage_config(flat_args, stage, preset, all_stages):
         raise SystemExit(f"--view_sampling must be 'near' or 'random', got {cfg.view_sampling!r}")
     if cfg.spa3r not in ("psfm", "none", "oracle"):
         raise SystemExit(f"--spa3r must be 'psfm', 'none' or 'oracle', got {cfg.spa3r!r}")
-    for name in ("steps", "batch_size", "log_every", "save_every") + (("eval_samples",) if cfg.eval_every else ()):
+    for name in ("steps", "batch_size", "log_every", "save_every", "num_views") + (("eval_samples",) if cfg.eval_every else ()):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if stage == "psfm" and cfg.num_views < 2:
+        raise SystemExit(f"--num_views must be at least 2 for stage psfm (context and masked views), got {cfg.num_views}")
+    for name in ("out", "data"):
+        if os.path.exists(getattr(cfg, name)) and not os.path.isdir(getattr(cfg, name)):
+            raise SystemExit(f"--{name}={getattr(cfg, name)} is a file, not a folder")
     return cfg
 
 
@@ -198,6 +207,10 @@ def setup_processes(device_name):
     if not device_name:  # MPS only for one process: DDP has no MPS backend
         mps = torch.backends.mps.is_available() and world == 1
         device_name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if not available.get(device_name.split(":")[0]):
+        known = "" if device_name in available else " (cuda, mps or cpu)"
+        raise SystemExit(f"--device={device_name}: not available on this machine{known}")
     device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -228,15 +241,28 @@ def on_sigterm(signum, frame):
     SIGTERM["received"] = True
 
 
-def ensure_data(data_dir, preset, rank, world):
-    """Generate the preset's default data set into data_dir if it is not there (rank 0; the others wait).
-    tokenizer.json is the last file generate() writes, so its presence means a finished data set."""
-    if rank == 0 and not os.path.exists(os.path.join(data_dir, "tokenizer.json")):
+def ignore_sigterm(worker_id):
+    """DataLoader workers: SIGTERM reaches the whole process group, and a worker it killed would take the main
+    process down before it saves. The main process stops them when it is done."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def ensure_data(data_dir, preset, stages, rank, world):
+    """Generate the preset's default data set into data_dir if that folder does not exist or is empty (rank 0;
+    the others wait). Anything else must be a whole data set: generating into it could overwrite scans or data
+    made with other options, so a missing piece is an error that says which command makes it."""
+    if rank == 0 and (not os.path.isdir(data_dir) or not os.listdir(data_dir)):
         print(f"train.py: no data set in {data_dir}: generating the {preset} one", flush=True)
         config = GenConfig(**{**DATA_DEFAULTS[preset], "out": data_dir})  # GenConfig's seed: one data set for every run
         config.workers = min(8, os.cpu_count() or 1) if preset == "reference" else 1
         generate(config)
     barrier(world)
+    needed = ["scenes"] + (["qa_train.jsonl", "qa_val.jsonl", "tokenizer.json"] if "vlm" in stages else [])
+    missing = [name for name in needed if not os.path.exists(os.path.join(data_dir, name))]
+    if missing:
+        why = " (stage vlm needs it; --vocab_size=0 made a data set without one)" if missing == ["tokenizer.json"] else ""
+        raise ValueError(f"{data_dir}: incomplete data set: {', '.join(missing)} missing{why}; make a whole one "
+                         f"with python generate_spar.py --out=<an empty folder>, or give that folder as --data")
 
 
 # ----------------------------------------------------------------------------- the sample stream
@@ -472,10 +498,18 @@ def save_checkpoint(out, write_files):
     staging = os.path.join(out, STAGING)
     shutil.rmtree(staging, ignore_errors=True)  # what a save killed half way left
     os.makedirs(staging)
-    write_files(staging)
-    for name in os.listdir(staging):  # on the disk before the switch, not only in the page cache
-        with open(os.path.join(staging, name), "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        write_files(staging)
+        for name in os.listdir(staging):  # on the disk before the switch, not only in the page cache
+            with open(os.path.join(staging, name), "rb") as f:
+                os.fsync(f.fileno())
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        written = sorted(os.listdir(staging), key=lambda n: os.path.getmtime(os.path.join(staging, n)))
+        shutil.rmtree(staging, ignore_errors=True)
+        name = os.path.basename(error.filename or (written[-1] if written else "the first file"))
+        raise ValueError(f"{out}: no space left while writing {name}; the previous checkpoint is intact") from None
     os.replace(staging, os.path.join(out, COMMIT))
     finish_commit(out)
 
@@ -487,16 +521,6 @@ def finish_commit(out):
         for name in sorted(os.listdir(commit)):
             os.replace(os.path.join(commit, name), os.path.join(out, name))
         os.rmdir(commit)
-
-
-def read_json(path):
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg})") from None
 
 
 def read_safetensors(path):
@@ -595,11 +619,21 @@ def write_model_files(stage, folder):
     write_atomic(os.path.join(folder, "config.json"), (json.dumps(model_config_dict(stage), indent=1) + "\n").encode())
 
 
-def write_checkpoint(stage, optimizer, cfg, step, num_samples, device, folder):
+def write_checkpoint(stage, optimizer, cfg, step, num_samples, device, window, folder):
     write_model_files(stage, folder)
     save_file(optimizer_tensors(optimizer), os.path.join(folder, "optimizer.safetensors"))
-    state = json.dumps(train_state(cfg, step, num_samples, device), indent=1) + "\n"
+    state = json.dumps({**train_state(cfg, step, num_samples, device), "window": window}, indent=1) + "\n"
     write_atomic(os.path.join(folder, "train_state.json"), state.encode())
+
+
+def check_finite_state(model, optimizer, when, out):
+    """Never commit NaN or inf weights or AdamW moments: the commit would replace a good checkpoint."""
+    tensors = [("weight " + name, p) for name, p in model.named_parameters()]
+    tensors += [(f"AdamW state of parameter {i}", v) for i, state in enumerate(optimizer.state.values())
+                for v in state.values() if torch.is_tensor(v)]
+    for name, tensor in tensors:
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{when}: {name} is not finite; not saved, the previous checkpoint in {out} is kept")
 
 
 def model_config_dict(stage):
@@ -743,20 +777,47 @@ class Window:
     """Loss terms and throughput since the last log line. Terms stay on the device until a log step, so the
     loop never waits for the GPU in between; one all_reduce then sums them over ranks."""
 
-    def __init__(self):
+    def __init__(self, device):
+        self.device = device
         self.reset()
         self.started = time.time()
 
     def reset(self):
         self.sums, self.weight, self.tokens, self.flops, self.steps, self.paused = {}, 0, 0, 0.0, 0, 0.0
+        self.finite, self.batches = [], []
 
     def count(self, tokens, flops):
         self.tokens, self.flops, self.steps = self.tokens + tokens, self.flops + flops, self.steps + 1
 
-    def add(self, loss, terms, weight):
+    def add(self, loss, terms, weight, step, batch):
         for name, value in {"loss": loss.detach(), **terms}.items():
             self.sums[name] = self.sums.get(name, 0) + value.float() * weight
         self.weight += weight
+        self.finite.append(torch.isfinite(loss.detach()))  # read at the next log step or save: no sync here
+        self.batches.append((step + 1, batch.get("scene") or batch.get("ids")))
+
+    def check_finite(self, stage_name, world):
+        """Raise, on every rank, if a micro-batch since the last log line had a NaN or inf loss, naming the first
+        such step and its scenes (geo, psfm) or record ids (vlm) where this rank saw it."""
+        bad = [i for i, ok in enumerate(torch.stack(self.finite).tolist()) if not ok] if self.finite else []
+        if all_reduce_sum(torch.tensor([float(len(bad))], device=self.device), world).item():
+            step, names = self.batches[bad[0]] if bad else (None, None)
+            where = f"at step {step} (batch: {', '.join(map(str, names[:8]))})" if bad else "on another rank"
+            raise ValueError(f"{stage_name}: the loss is not finite {where}; lower --lr or check the data")
+
+    def pending(self, world):
+        """The loss sums since the last log line, over all ranks: a checkpoint between log steps keeps them, so
+        the first line logged after a resume is the one an uninterrupted run logs."""
+        if not self.sums:
+            return {"sums": {}, "weight": 0}
+        local = torch.stack([*self.sums.values(), torch.tensor(float(self.weight), device=self.device)]).double()
+        *sums, weight = all_reduce_sum(local, world).tolist()
+        return {"sums": dict(zip(self.sums, sums)), "weight": weight}
+
+    def restore(self, pending):
+        self.sums = {name: torch.tensor(value, dtype=torch.float32, device=self.device)
+                     for name, value in pending["sums"].items()}
+        self.weight = pending["weight"]
 
     def pause(self, seconds):
         """Validation and checkpoint time does not count against throughput."""
@@ -1065,12 +1126,58 @@ def gate_text(row):
 
 # ----------------------------------------------------------------------------- the training loop
 
+@contextmanager
+def out_lock(out, rank):
+    """One training process per --out (two would overwrite each other's checkpoints): rank 0 holds out/train.lock,
+    which names its host and pid; a lock left by a process that is gone (kill -9) is taken over."""
+    if rank:
+        yield
+        return
+    os.makedirs(out, exist_ok=True)
+    path, me = os.path.join(out, "train.lock"), f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            with open(path, "x") as f:
+                f.write(me)
+            break
+        except FileExistsError:
+            with open(path) as f:
+                owner = f.read()
+            host, _, pid = owner.partition(" ")
+            if not (host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))):
+                raise ValueError(f"{out}: another train.py ({owner or 'unknown'}) is training into it; "
+                                 f"if it is gone, delete {path}") from None
+            os.remove(path)  # stale
+    try:
+        yield
+    finally:
+        os.remove(path)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
+
+
 def train_stage(cfg, model_args, rank, world, device):
     """Build the stage, continue from its checkpoint with --resume, run the remaining steps, save."""
     if rank == 0:  # a kill during a save may have left a commit half moved: complete it before anyone reads
         for folder in (cfg.out, cfg.init_geo, cfg.init_spa3r):
             finish_commit(folder)
     barrier(world)
+    if not cfg.resume and not cfg.overwrite and os.path.exists(os.path.join(cfg.out, "train_state.json")):
+        raise ValueError(f"{cfg.out}: holds a checkpoint; --resume continues it, --overwrite starts over "
+                         "(its first save replaces it)")
+    with out_lock(cfg.out, rank):
+        train_one_stage(cfg, model_args, rank, world, device)
+
+
+def train_one_stage(cfg, model_args, rank, world, device):
     stage = BUILDERS[cfg.stage](cfg, model_args)
     for split, dataset in (("training", stage.train_set), ("held-out", stage.val_set)):
         if len(dataset) == 0 and (split == "training" or cfg.eval_every):
@@ -1090,13 +1197,13 @@ def train_stage(cfg, model_args, rank, world, device):
     log = Log(cfg.out, rank, start)
     log_header(log, cfg, stage, run, saved)
     if start < cfg.steps:
-        run_steps(cfg, stage, run, optimizer, log, start)
+        run_steps(cfg, stage, run, optimizer, log, start, saved and saved.get("window"))
     else:
         log.line(f"{cfg.stage}: already trained to step {start} of {cfg.steps}")
     barrier(world)  # the next stage reads this one's checkpoint
 
 
-def run_steps(cfg, stage, run, optimizer, log, start):
+def run_steps(cfg, stage, run, optimizer, log, start, pending=None):
     """Steps start..cfg.steps-1 with logging, validation and checkpoints; stops early, saved, on SIGTERM."""
     rank, world, device = run.rank, run.world, run.device
     runner = torch.compile(stage.model) if cfg.compile else stage.model
@@ -1107,15 +1214,20 @@ def run_steps(cfg, stage, run, optimizer, log, start):
     sampler = RankBatches(num_samples, cfg.batch_size, run.micro_batch, rank, world, cfg.seed, start, cfg.steps)
     batches = iter(torch.utils.data.DataLoader(EpochItems(stage.train_set), batch_sampler=sampler,
                                                collate_fn=stage.collate, num_workers=cfg.workers,
-                                               pin_memory=device.type == "cuda"))
+                                               worker_init_fn=ignore_sigterm, pin_memory=device.type == "cuda"))
     peak = peak_flops(torch.cuda.get_device_name(device)) if cfg.bf16 and device.type == "cuda" else None
     bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, mininterval=1, dynamic_ncols=True,
                disable=True if rank else None)  # None: off when stderr is not a terminal
-    window = Window()
+    window = Window(device)
+    if pending and rank == 0:  # the loss sums of the steps since the last log line before the checkpoint
+        window.restore(pending)
 
-    def save(step):  # rank 0 writes; the others go on and wait for it at their next collective
+    def save(step):  # every rank checks; rank 0 writes; the others wait for it at their next collective
+        window.check_finite(cfg.stage, world)
+        check_finite_state(stage.model, optimizer, f"{cfg.stage} step {step}", cfg.out)
+        unlogged = window.pending(world)
         if rank == 0:
-            write = partial(write_checkpoint, stage, optimizer, cfg, step, num_samples, device)
+            write = partial(write_checkpoint, stage, optimizer, cfg, step, num_samples, device, unlogged)
             save_checkpoint(cfg.out, write)
 
     for step in range(start, cfg.steps):
@@ -1124,10 +1236,8 @@ def run_steps(cfg, stage, run, optimizer, log, start):
         bar.update()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
+            window.check_finite(cfg.stage, world)
             means, speed, stop = window.report(world, device, cfg.batch_size)
-            if not math.isfinite(means["loss"]):
-                raise ValueError(f"{cfg.stage}: the loss is {means['loss']} at step {done}; "
-                                 "lower --lr or check the data")
             log_train_step(log, bar, cfg, done, means, speed, float(grad_norm), peak, world)
             if stop:  # every rank learnt it from the same all_reduce, so all stop at this step
                 save(done)
@@ -1166,7 +1276,7 @@ def train_step(stage, runner, optimizer, micro, step, cfg, run, window):
                 loss, terms = stage_loss(stage, runner, to_device(batch, run.device), generator)
             # DDP averages gradients over ranks; x world makes it the sum of the weighted micro-batch losses
             (loss * (weight * run.world / total_weight)).backward()
-        window.add(loss, terms, weight)
+        window.add(loss, terms, weight, step, batch)
     grad_norm = nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                          cfg.clip if cfg.clip > 0 else math.inf)
     optimizer.step()
@@ -1206,7 +1316,7 @@ def main(argv):
         preset = first.preset or ("reference" if device.type == "cuda" else "tiny")
         stages = [first.stage] if first.stage else list(STAGES)
         configs = [stage_config(flat_args, stage, preset, not first.stage) for stage in stages]
-        ensure_data(configs[0].data, preset, rank, world)
+        ensure_data(configs[0].data, preset, stages, rank, world)
         for cfg in configs:
             train_stage(cfg, model_args, rank, world, device)
     except ValueError as error:  # bad input: one line naming the file and the field, no traceback

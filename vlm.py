@@ -49,9 +49,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer
 
-from data import ORACLE_CAMERAS, ORACLE_DIM, ORACLE_OBJECTS, SPECIAL_TOKENS, load_tokenizer
+from data import ORACLE_CAMERAS, ORACLE_DIM, ORACLE_OBJECTS, SPECIAL_TOKENS, load_tokenizer, read_json
 from generate_spar import write_atomic
-from model import MLP, GeoBackbone, GeoConfig, ViT, block_flops, init_weights
+from model import MLP, GeoBackbone, GeoConfig, ViT, block_flops, check_fields, init_weights
 from model import flops_per_sample as geo_flops_per_sample
 from psfm import PSFM, Spa3RConfig
 
@@ -74,6 +74,7 @@ class LMConfig:
     tie_embeddings: bool = True  # the output head is the token embedding (False only for loaded checkpoints)
 
     def __post_init__(self):
+        check_fields(self, "vlm.py", positive=("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"))
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"vlm.py: LMConfig.dim {self.dim} must split into n_heads {self.n_heads} heads of even width")
         if self.n_heads % self.n_kv_heads:
@@ -480,6 +481,7 @@ class VLMConfig:
     max_new_tokens: int = 32    # answer length cap for answer()
 
     def __post_init__(self):
+        check_fields(self, "vlm.py", positive=("pixel_shuffle", "max_new_tokens"))
         if self.spa3r not in ("psfm", "none", "oracle"):
             raise ValueError(f"vlm.py: VLMConfig.spa3r must be 'psfm', 'none' or 'oracle', got {self.spa3r!r}")
         if self.pixel_shuffle < 1:
@@ -656,11 +658,6 @@ class SpaVLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
 
 def save(model, ckpt_dir):
     """ckpt_dir/config.json (asdict(VLMConfig)), tokenizer.json, model.safetensors (SpaVLM.state_dict(): lm.*,

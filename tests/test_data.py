@@ -53,7 +53,7 @@ def good_record(**changes):
     (good_record(image="0"), "field 'image'"),
     (good_record(format_type="select"), "field 'options'"),
     (good_record(format_type="select", options=["A. x", "B. y"], answer="C"), "field 'answer'"),
-    (good_record(markers=[{"image": 3, "point": [1, 2]}]), "field 'markers'"),
+    (good_record(markers=[{"image": 3, "point": [1, 2]}]), "field 'markers.image'"),
     ("[1, 2]", "JSON object"),
 ])
 def test_malformed_qa_line_names_file_line_and_field(tmp_path, row, field):

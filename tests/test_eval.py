@@ -415,3 +415,62 @@ def test_ablation_of_an_old_eval_json_names_the_file_and_field(tmp_path):
     old.write_text(json.dumps({"model": {"overall": 50.0}}))  # written before per-question scores were kept
     with pytest.raises(ValueError, match=r"old.json: field 'scores' is missing"):
         ev.run(ev.parse_args([f"--ablation=a={old},b={old}"]))
+
+
+# -----------------------------------------------------------------------------
+# Hostile inputs (issue 12): each is one line naming the file (and line, and field), or a noted score of 0
+
+def test_unknown_task_names_file_line_and_the_known_tasks(tmp_path, capsys):
+    val = [question("c1", "object_counting", "4"), dict(question("c2", "object_counting", "4"), task="object_cuonting")]
+    with pytest.raises(ValueError) as err:
+        score_file(tmp_path, capsys, val, [{"id": "c1", "prediction": "4"}])
+    message = str(err.value)   # it would count in `overall` but appear in no table
+    assert message.startswith(f"{tmp_path / 'qa_val.jsonl'}:2: field 'task': unknown task 'object_cuonting'")
+    assert "object_counting" in message and "room_size_estimation" in message and "\n" not in message
+
+
+def test_empty_split_is_an_error_naming_the_file(tmp_path, capsys):
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'qa_val.jsonl'}: no questions to score$"):
+        score_file(tmp_path, capsys, [], [])
+
+
+@pytest.mark.parametrize("option", ["--predictions={}", "--compare=a={}"])
+def test_a_path_that_is_a_directory_is_one_line_naming_it(tmp_path, option):
+    import subprocess
+    import sys
+    data_dir(tmp_path, [question("c1", "object_counting", "4")])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "eval.py", option.format(tmp_path), f"--data={tmp_path}"], cwd=root,
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.startswith(f"eval.py: {tmp_path}: ") and run.stderr.count("\n") == 1
+
+
+def test_compare_of_a_json_without_model_names_the_file_and_field(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"counts": {}, "n_questions": 0}))
+    with pytest.raises(ValueError, match=f"^{path}: field 'model' is missing"):
+        ev.run(ev.parse_args([f"--compare=a={path}"]))
+
+
+def test_a_number_too_long_to_convert_scores_zero_and_is_noted(tmp_path, capsys):
+    # Python refuses to turn a string of more than 4300 digits into an int (sys.get_int_max_str_digits)
+    val = [question("d1", "depth_prediction_oc", "2.0"), question("d2", "depth_prediction_oc", "4.0")]
+    preds = [{"id": "d1", "prediction": "1" * 5000}, {"id": "d2", "prediction": "4"}]
+    result, out = score_file(tmp_path, capsys, val, preds)
+    assert result["scores"] == {"d1": 0.0, "d2": 1.0} and result["unreadable"] == ["d1"]
+    assert "note: 1 of 2 predictions hold a number too long to read (first: 'd1'); they score 0" in out
+    assert out.rstrip("\n").splitlines()[-1] == "overall: 50.00"
+
+
+@pytest.mark.parametrize("option", ["compare", "ablation", "gates"])
+@pytest.mark.parametrize("bad", ["\ud800", b"\xff"])   # a lone surrogate is valid JSON, but no character
+def test_eval_json_that_is_not_utf8_names_file_and_line(tmp_path, capsys, option, bad):
+    val, preds = synthetic_split()
+    result, _ = score_file(tmp_path, capsys, val, preds)
+    text = json.dumps({**result, "config": {"data": "@"}}, indent=1)
+    path = tmp_path / "bad.json"
+    path.write_bytes(text.encode().replace(b"@", bad if isinstance(bad, bytes) else json.dumps(bad)[1:-1].encode()))
+    line = text[:text.index("@")].count("\n") + 1
+    with pytest.raises(ValueError) as err:
+        ev.run(ev.parse_args([f"--{option}=a={path}"]))
+    assert str(err.value).startswith(f"{path}:{line}: not UTF-8") and "\n" not in str(err.value)

@@ -144,11 +144,11 @@ from safetensors.torch import save
 import train
 
 saves = 0
-def write_checkpoint(stage, optimizer, cfg, step, num_samples, device, folder):
+def write_checkpoint(stage, optimizer, cfg, step, num_samples, device, window, folder):
     global saves
     saves += 1
     if saves == 1:
-        return real(stage, optimizer, cfg, step, num_samples, device, folder)
+        return real(stage, optimizer, cfg, step, num_samples, device, window, folder)
     train.write_model_files(stage, folder)  # the second checkpoint: killed halfway through its optimizer file
     blob = save(train.optimizer_tensors(optimizer))
     with open(os.path.join(folder, "optimizer.safetensors"), "wb") as f:
@@ -417,10 +417,10 @@ def test_missing_data_is_generated_once(tmp_path, monkeypatch):
     monkeypatch.setitem(train.DATA_DEFAULTS, "tiny", dict(scenes=2, val_scenes=1, views=5, random_views=1, res=16,
                                                           qa_per_task=1, vocab_size=300))
     folder = str(tmp_path / "data")
-    train.ensure_data(folder, "tiny", rank=0, world=1)
+    train.ensure_data(folder, "tiny", ["geo"], rank=0, world=1)
     stamp = os.path.getmtime(os.path.join(folder, "tokenizer.json"))
     assert len(train.data.scene_ids(folder, "train")) == 2 and len(train.data.scene_ids(folder, "val")) == 1
-    train.ensure_data(folder, "tiny", rank=0, world=1)
+    train.ensure_data(folder, "tiny", ["geo"], rank=0, world=1)
     assert os.path.getmtime(os.path.join(folder, "tokenizer.json")) == stamp
 
 

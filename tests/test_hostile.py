@@ -1,0 +1,338 @@
+"""Hostile input and faults against train.py and the readers in data.py: each attack either gets a one-line error
+naming the file and the field (or the flag), or the correct result -- and nothing on disk is lost. One table per
+kind of attack; eval.py's and speedrun.sh's attacks are tested in test_eval.py and test_speedrun.py."""
+import errno
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import generate_spar as g
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset=tiny", "--device=cpu", "--steps=2", "--batch_size=2", "--warmup=1", "--log_every=1",
+        "--eval_every=0", "--save_every=2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    g.generate(g.GenConfig(out=str(out), scenes=3, val_scenes=1, views=6, random_views=2, res=32, qa_per_task=1,
+                           vocab_size=300))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def geo_ckpt(data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("geo"))
+    train.main(["--stage=geo", f"--data={data_dir}", f"--out={out}"] + TINY)
+    return out
+
+
+def refused(args):
+    """train.main(args) must exit with one line; -> that line."""
+    with pytest.raises(SystemExit) as error:
+        train.main(args)
+    message = str(error.value.code)
+    assert "\n" not in message
+    return message
+
+
+def copy(folder, tmp_path, name="copy"):
+    return shutil.copytree(folder, str(tmp_path / name))
+
+
+# ----------------------------------------------------------------------------- the command line
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--resume=ture", "--resume: expected true or false, got 'ture'"),
+    ("--steps=", "--steps: expected int, got nothing"),
+    ("--num_views=0", "--num_views must be at least 1"),
+    ("--device=tpu", "--device=tpu: not available"),
+])
+def test_bad_flags_are_refused_in_one_line(data_dir, tmp_path, flag, expected):
+    assert expected in refused(["--stage=geo", f"--data={data_dir}", f"--out={tmp_path / 'o'}"] + TINY + [flag])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_refused(data_dir, tmp_path):
+    assert "--device=cuda: not available" in refused(["--stage=geo", f"--data={data_dir}", "--device=cuda"])
+
+
+def test_bools_parse_strictly_both_ways():
+    for text, value in [("true", True), ("1", True), ("yes", True), ("false", False), ("0", False), ("no", False)]:
+        assert g.parse_args([f"--resume={text}"], train.TrainConfig()).resume is value
+    assert g.parse_args(["--resume"], train.TrainConfig()).resume is True
+
+
+@pytest.mark.parametrize("flag", ["out", "data"])
+def test_out_or_data_that_is_a_file_is_refused(data_dir, tmp_path, flag):
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    args = {"out": f"--out={tmp_path / 'o'}", "data": f"--data={data_dir}"} | {flag: f"--{flag}={path}"}
+    assert f"--{flag}={path} is a file" in refused(["--stage=geo", *args.values()] + TINY)
+    assert path.read_text() == "not a folder"
+
+
+# ----------------------------------------------------------------------------- data loss
+
+def test_an_incomplete_data_set_is_an_error_and_untouched(data_dir, tmp_path):
+    folder = copy(data_dir, tmp_path)
+    os.remove(os.path.join(folder, "tokenizer.json"))  # what --vocab_size=0 makes
+    before = {name: open(os.path.join(folder, name), "rb").read() for name in ("qa_train.jsonl", "qa_val.jsonl")}
+    out = str(tmp_path / "g")
+    train.main(["--stage=geo", f"--data={folder}", f"--out={out}"] + TINY)  # geo needs no tokenizer: it trains
+    assert {name: open(os.path.join(folder, name), "rb").read() for name in before} == before
+    assert not os.path.exists(os.path.join(folder, "tokenizer.json"))  # nothing was generated into the folder
+    message = refused(["--stage=vlm", f"--data={folder}", f"--out={tmp_path / 'v'}", "--spa3r=none",
+                       f"--init_geo={out}"] + TINY)
+    assert f"{folder}: incomplete data set: tokenizer.json missing" in message and "generate_spar.py" in message
+    shutil.rmtree(os.path.join(folder, "scenes"))
+    assert "scenes missing" in refused(["--stage=geo", f"--data={folder}", f"--out={tmp_path / 'g2'}"] + TINY)
+
+
+def test_a_finished_checkpoint_is_not_overwritten_without_resume_or_overwrite(geo_ckpt, data_dir, tmp_path):
+    folder = copy(geo_ckpt, tmp_path)
+    before = open(os.path.join(folder, "model.safetensors"), "rb").read()
+    message = refused(["--stage=geo", f"--data={data_dir}", f"--out={folder}"] + TINY)
+    assert f"{folder}: holds a checkpoint; --resume continues it, --overwrite starts over" in message
+    assert open(os.path.join(folder, "model.safetensors"), "rb").read() == before
+    train.main(["--stage=geo", f"--data={data_dir}", f"--out={folder}", "--overwrite", "--seed=1"] + TINY)
+    assert open(os.path.join(folder, "model.safetensors"), "rb").read() != before  # started over, as asked
+
+
+def test_a_second_process_on_the_same_out_is_refused_and_a_stale_lock_taken_over(data_dir, tmp_path):
+    out = tmp_path / "g"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "train.lock").write_text(f"{socket.gethostname()} {sleeper.pid}")  # a live owner
+        message = refused(["--stage=geo", f"--data={data_dir}", f"--out={out}"] + TINY)
+        assert f"another train.py ({socket.gethostname()} {sleeper.pid}) is training into it" in message
+        assert not (out / "train_state.json").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    train.main(["--stage=geo", f"--data={data_dir}", f"--out={out}"] + TINY)  # its owner is gone: taken over
+    assert (out / "train_state.json").exists() and not (out / "train.lock").exists()
+
+
+def test_nan_weights_are_never_committed(geo_ckpt, data_dir, tmp_path):
+    folder = copy(geo_ckpt, tmp_path)
+    checkpoint = ("model.safetensors", "optimizer.safetensors", "train_state.json", "config.json")
+    before = {name: open(os.path.join(folder, name), "rb").read() for name in checkpoint}
+    message = refused(["--stage=geo", f"--data={data_dir}", f"--out={folder}", "--resume", "--lr=nan"]
+                      + TINY + ["--steps=4", "--save_every=1", "--log_every=10"])
+    assert "geo step 3:" in message and "is not finite; not saved" in message
+    assert json.load(open(os.path.join(folder, "train_state.json")))["step"] == 2
+    assert {name: open(os.path.join(folder, name), "rb").read() for name in before} == before
+    assert all(torch.isfinite(t).all() for t in load_file(os.path.join(folder, "model.safetensors")).values())
+
+
+def test_a_non_finite_loss_names_its_step_and_batch():
+    window = train.Window(torch.device("cpu"))
+    window.add(torch.tensor(1.0), {}, 2, step=4, batch={"scene": ["scene00001", "scene00002"]})
+    window.add(torch.tensor(math.inf), {}, 2, step=5, batch={"ids": ["q7", "q8"]})
+    with pytest.raises(ValueError, match=r"geo: the loss is not finite at step 6 \(batch: q7, q8\)"):
+        window.check_finite("geo", world=1)
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    out = str(tmp_path)
+
+    def write(text):
+        def files(folder):
+            for name in ("model.safetensors", "train_state.json"):
+                with open(os.path.join(folder, name), "w") as f:
+                    f.write(text)
+                if text == "new" and name == "train_state.json":
+                    raise OSError(errno.ENOSPC, "No space left on device")
+        return files
+
+    train.save_checkpoint(out, write("old"))
+    with pytest.raises(ValueError, match="no space left while writing train_state.json; the previous checkpoint is intact"):
+        train.save_checkpoint(out, write("new"))
+    assert sorted(os.listdir(out)) == ["model.safetensors", "train_state.json"]
+    assert all(open(os.path.join(out, n)).read() == "old" for n in os.listdir(out))
+
+
+def test_sigterm_to_the_process_group_with_workers_saves(data_dir, tmp_path):
+    out = str(tmp_path / "g")
+    args = [sys.executable, "train.py", "--stage=geo", f"--data={data_dir}", f"--out={out}", "--preset=tiny",
+            "--device=cpu", "--steps=100000", "--batch_size=2", "--log_every=3", "--save_every=100000",
+            "--eval_every=0", "--workers=2"]
+    process = subprocess.Popen(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    for _ in range(600):  # training has started once the first step is logged
+        if os.path.exists(metrics) and os.path.getsize(metrics):
+            break
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGTERM)  # what SLURM and torchrun send: the whole group, workers included
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and "stopped by SIGTERM at geo step" in stderr, stderr[-2000:]
+    assert json.load(open(os.path.join(out, "train_state.json")))["step"] % 3 == 0
+    train.load_geo_checkpoint(out)
+
+
+STOPPED_AFTER_SECOND_SAVE = """
+import os, sys
+import train
+real, saves = train.save_checkpoint, []
+def save_then_die(out, write_files):
+    real(out, write_files)
+    saves.append(out)
+    if len(saves) == 2:
+        os._exit(9)  # a kill between log steps: the window since the last log line is in the checkpoint only
+train.save_checkpoint = save_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_the_logged_curve_is_exact_when_saves_fall_between_log_steps(data_dir, tmp_path):
+    def run(out, *extra, script=None):
+        args = ["--stage=geo", f"--data={data_dir}", f"--out={out}"] + TINY + ["--steps=6", "--log_every=3", "--save_every=2"]
+        launcher = ["-c", script] if script else ["train.py"]
+        return subprocess.run([sys.executable] + launcher + args + list(extra), cwd=REPO, capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    assert run(whole).returncode == 0
+    assert run(cut, script=STOPPED_AFTER_SECOND_SAVE).returncode == 9
+    assert json.load(open(os.path.join(cut, "train_state.json")))["step"] == 4
+    assert run(cut, "--resume").returncode == 0
+
+    def logged(folder):
+        return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(folder, "metrics.jsonl")))]
+    assert [step for step, _ in logged(whole)] == [3, 6]
+    assert logged(cut) == logged(whole)  # step 6's line covers steps 4-6, 4 from before the kill
+
+
+# ----------------------------------------------------------------------------- init checkpoints
+
+@pytest.mark.parametrize("value, expected", [("64", "GeoConfig.dim must be int, got '64'"),
+                                             (0, "GeoConfig.dim must be at least 1, got 0"),
+                                             (True, "GeoConfig.dim must be int, got True")])
+def test_init_config_with_a_wrong_value_names_file_and_field(geo_ckpt, data_dir, tmp_path, value, expected):
+    folder = copy(geo_ckpt, tmp_path)
+    path = os.path.join(folder, "config.json")
+    config = json.load(open(path))
+    json.dump({**config, "dim": value}, open(path, "w"))
+    message = refused(["--stage=psfm", f"--data={data_dir}", f"--out={tmp_path / 'p'}", f"--init_geo={folder}"] + TINY)
+    assert path in message and expected in message
+
+
+# ----------------------------------------------------------------------------- scenes
+
+def scene_files(data_dir, tmp_path):
+    folder = copy(data_dir, tmp_path)
+    return folder, os.path.join(folder, "scenes", "scene00000")
+
+
+def edit_json(path, change):
+    meta = json.load(open(path))
+    json.dump(change(meta), open(path, "w"))
+
+
+def edit_tensor(path, key, change):
+    arrays = dict(g.read_safetensors(path))
+    arrays[key] = change(arrays[key].copy())
+    g.write_atomic(path, g.safetensors_bytes(arrays))
+
+
+def scaled_rotation(pose):
+    pose[1, :3, :3] *= 1.5
+    return pose
+
+
+def last_row(pose):
+    pose[2, 3] = [0, 0, 1, 1]
+    return pose
+
+
+def wrong_object(meta):
+    del meta["objects"][0]["category"]
+    return meta
+
+
+SCENE_ATTACKS = {  # name: (file it corrupts, how, the words the error must hold)
+    "scene json is a list": ("json", lambda p: json.dump([1, 2], open(p, "w")), "field 'split'"),
+    "split 'test'": ("json", lambda p: edit_json(p, lambda m: {**m, "split": "test"}), "field 'split' must be 'train' or 'val'"),
+    "object without category": ("json", lambda p: edit_json(p, wrong_object), "field 'objects[0].category'"),
+    "truncated scene json": ("json", lambda p: open(p, "r+").truncate(40), "not valid JSON"),
+    "non-UTF-8 scene json": ("json", lambda p: open(p, "ab").write(b"\xff"), "not UTF-8"),
+    "lone surrogate in scene json": ("json", lambda p: edit_json(p, lambda m: {**m, "room_name": "\ud800"}), "lone surrogate"),
+    "instance id out of range": ("safetensors", lambda p: edit_tensor(p, "instance", lambda a: a + 100), "tensor 'instance'"),
+    "scaled rotation": ("safetensors", lambda p: edit_tensor(p, "pose", scaled_rotation), "tensor 'pose' of view 1 is not a rigid"),
+    "last row not 0 0 0 1": ("safetensors", lambda p: edit_tensor(p, "pose", last_row), "tensor 'pose' of view 2 is not a rigid"),
+}
+
+
+@pytest.mark.parametrize("attack", SCENE_ATTACKS)
+def test_a_corrupt_scene_is_one_line_naming_file_and_field(data_dir, tmp_path, attack):
+    kind, corrupt, expected = SCENE_ATTACKS[attack]
+    folder, base = scene_files(data_dir, tmp_path)
+    corrupt(f"{base}.{kind}")
+    with pytest.raises(ValueError) as error:  # both ways in: listing a split and loading the scene
+        data.scene_ids(folder, "train")
+        data.load_scene(base)
+    message = str(error.value)
+    assert "\n" not in message and f"{base}.{kind}" in message and expected in message, message
+
+
+# ----------------------------------------------------------------------------- QA records
+
+def record(**changes):
+    base = {"id": "q0", "scene": "scene00000", "task": "depth_prediction_oc", "level": "low", "format_type": "fill",
+            "img_type": "single_view", "image": [0], "question": "How deep?", "answer": "2.30",
+            "markers": [{"image": 0, "point": [500, 500], "color": "red"}]}
+    return json.dumps({**base, **changes}, allow_nan=True)
+
+
+def marker(**changes):
+    return [{"image": 0, "point": [500, 500], "color": "red", **changes}]
+
+
+QA_ATTACKS = {  # name: (the line, the words the error must hold)
+    "bool image index": (record(image=[True]), "field 'image'"),
+    "NaN marker point": (record(markers=marker(point=[math.nan, 10])), "field 'markers.point'"),
+    "inf marker point": (record(markers=marker(point=[math.inf, 10])), "field 'markers.point'"),
+    "marker point a string": (record(markers=marker(point="500,500")), "field 'markers.point'"),
+    "marker point missing": (record(markers=[{"image": 0, "color": "red"}]), "field 'markers.point'"),
+    "marker colour unknown": (record(markers=marker(color="mauve")), "field 'markers.color'"),
+    "marker colour missing": (record(markers=[{"image": 0, "point": [1, 2]}]), "field 'markers.color'"),
+    "marker colour a list": (record(markers=marker(color=[255, 0, 0])), "field 'markers.color'"),
+    "bool marker image": (record(markers=marker(image=False)), "field 'markers.image'"),
+    "absolute scene path": (record(scene="/etc/passwd"), "field 'scene'"),
+    "scene outside the data folder": (record(scene="../../elsewhere/scene00000"), "field 'scene'"),
+    "lone surrogate": (record(question="\ud800?"), "lone surrogate"),
+}
+
+
+@pytest.mark.parametrize("attack", QA_ATTACKS)
+def test_a_bad_qa_line_is_one_line_naming_file_line_and_field(tmp_path, attack):
+    line, expected = QA_ATTACKS[attack]
+    path = tmp_path / "qa.jsonl"
+    path.write_text(record(id="fine") + "\n" + line + "\n")
+    with pytest.raises(ValueError) as error:
+        data.load_qa_jsonl(str(path))
+    assert str(error.value).startswith(f"{path}:2: ") and expected in str(error.value), str(error.value)
+
+
+def test_non_utf8_bytes_in_a_jsonl_name_the_line(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes(record(id="fine").encode() + b"\n" + record().encode()[:-2] + b"\xff\"}\n")
+    with pytest.raises(ValueError, match=f"{path}:2: not UTF-8"):
+        data.load_qa_jsonl(str(path))
