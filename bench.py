@@ -5,7 +5,7 @@ parameters, forward FLOPs per sample, and training samples/s over a few timed st
 achieved TFLOP/s and MFU on CUDA; last, the same as a markdown table. A step is train.train_step itself
 (forward, backward, clipping, AdamW) on a synthetic batch of the stage's shapes, so the figures are the ones
 train.py logs, minus data loading; no data set or checkpoint is needed (weights are random, which costs the
-same). FLOPs are counted by train.batch_flops, i.e. by the flops functions of model.py, psfm.py and vlm.py.
+same). FLOPs are counted by train.stage_functions, i.e. by the flops functions of model.py, psfm.py and vlm.py.
 
 Usage:
     python bench.py                                    # reference preset on CUDA, tiny elsewhere
@@ -13,6 +13,7 @@ Usage:
 Every BenchConfig field is a --key=value flag.
 """
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -22,10 +23,10 @@ from tokenizers import Tokenizer, models
 import generate_spar
 import train
 import vlm
-from data import SPECIAL_TOKENS
-from model import GeoBackbone, GeoConfig
+from generate_spar import SPECIAL_TOKENS
+from model import GeoBackbone
 from model import flops_per_sample as geo_flops_per_sample
-from psfm import PSFM, Spa3RConfig
+from psfm import PSFM
 from psfm import flops_per_sample as psfm_flops_per_sample
 
 
@@ -66,7 +67,7 @@ def vlm_batch(config, B, num_images, text_tokens):
 
 
 def special_tokenizer():
-    """A tokenizer of the chat's special tokens only, at ids 0..6: all SpaVLM looks up (text ids are random)."""
+    """A tokenizer of the chat's special tokens only, at ids 0..5: all SpaVLM looks up (text ids are random)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
     return tokenizer
@@ -76,31 +77,28 @@ def build(name, preset, cfg, bench):
     """-> (train.Stage with a random model, its synthetic batch, forward FLOPs per sample): what train.BUILDERS
     make, without the data set and checkpoints they read."""
     torch.manual_seed(cfg.seed)
-    geo = train.preset_config(GeoConfig, preset, [], "geo")
-    B, V = cfg.batch_size, cfg.num_views
+    models = {key: c.reference() if preset == "reference" else c.tiny() for key, c in train.MODEL_CONFIGS.items()}
+    geo, V = models["geo"], cfg.num_views
     if name == "geo":
-        model, config, forward = GeoBackbone(geo), geo, geo_flops_per_sample(geo, V)
-        batch, groups = view_batch(B, V, geo.image_size, 1), train.decay_groups(model, cfg.lr, cfg.weight_decay)
+        model, forward = GeoBackbone(geo), geo_flops_per_sample(geo, V)
+        batch = view_batch(cfg.batch_size, V, geo.image_size, 1)
     elif name == "psfm":
-        spa3r = train.preset_config(Spa3RConfig, preset, [], "psfm")
-        model, config = PSFM(spa3r, GeoBackbone(geo)), (geo, spa3r)
-        forward = geo_flops_per_sample(geo, V) + psfm_flops_per_sample(spa3r, geo, V)
-        batch = view_batch(B, V, geo.image_size, spa3r.num_classes)
-        groups = train.decay_groups(model, cfg.lr, cfg.weight_decay)
+        model = PSFM(models["psfm"], GeoBackbone(geo))
+        forward = geo_flops_per_sample(geo, V) + psfm_flops_per_sample(models["psfm"], geo, V)
+        batch = view_batch(cfg.batch_size, V, geo.image_size, models["psfm"].num_classes)
     else:
-        config = vlm.VLMConfig.reference() if preset == "reference" else vlm.VLMConfig.tiny()
+        config = replace(models["vlm"], lm=models["lm"], geo=geo, psfm=models["psfm"])
         model = vlm.SpaVLM(config, special_tokenizer())
         forward = vlm.flops_per_sample(config, bench.vlm_images, bench.vlm_text_tokens)
-        batch = vlm_batch(config, B, bench.vlm_images, bench.vlm_text_tokens)
-        lrs = {"lm": cfg.lr_lm, "vision": cfg.lr_vision, "projector": cfg.lr_projector, "adapter": cfg.lr_adapter,
-               "spa3r": cfg.lr_spa3r}
-        groups = model.param_groups(lrs, cfg.weight_decay)
-    return train.Stage(name, model, config, groups, None, None, None), batch, forward
+        batch = vlm_batch(config, cfg.batch_size, bench.vlm_images, bench.vlm_text_tokens)
+    stage = train.Stage(name, model, {}, train.param_groups(model, cfg), None, None, None,
+                        **train.stage_functions(name, model, cfg))
+    return stage, batch, forward
 
 
 def measure(name, bench, preset, device):
     """bench.warmup untimed, then bench.steps timed training steps of stage `name` -> a result dict."""
-    defaults = train.stage_config([], name, preset, False)  # the preset's TrainConfig: lr, views, clipping
+    defaults, _ = train.stage_config([], name, preset, False)  # the preset's TrainConfig: lr, views, clipping
     cfg = replace(defaults, compile=bench.compile, bf16=bench.bf16, seed=bench.seed,
                   batch_size=bench.batch_size or (16 if preset == "reference" else defaults.batch_size),
                   num_views=bench.num_views or defaults.num_views)
@@ -114,19 +112,20 @@ def measure(name, bench, preset, device):
     run = train.Run(0, 1, device, cfg.batch_size, 1, autocast)
     optimizer = train.make_optimizer(stage.groups, device)
     runner = torch.compile(stage.model) if cfg.compile else stage.model
-    for step in range(bench.warmup):
-        train.train_step(stage, runner, optimizer, [batch], step, cfg, run, train.Window(device))
+    log = train.Log("", 1, 0, device)  # rank 1's: counts, writes nothing
     sync = getattr(torch, device.type).synchronize  # torch.cpu.synchronize() is a no-op
+    for step in range(bench.warmup + bench.steps):
+        if step == bench.warmup:
+            sync()
+            log.reset()  # the clock starts here
+        train.train_step(stage, runner, optimizer, [batch], step, cfg, run, log)
     sync()
-    window = train.Window(device)  # its clock starts here; it counts samples and train.batch_flops per step
-    for step in range(bench.warmup, bench.warmup + bench.steps):
-        train.train_step(stage, runner, optimizer, [batch], step, cfg, run, window)
-    sync()
-    speed = window.report(1, device, cfg.batch_size)[1] if bench.steps else {}
+    seconds = time.time() - log.started
     params = list(stage.model.parameters())
     return {"stage": name, "preset": preset, "batch": cfg.batch_size, "views": cfg.num_views, "forward": forward,
             "trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params),
-            "samples_per_s": speed.get("samples_per_s"), "flops_per_s": speed.get("flops_per_s"),
+            "samples_per_s": bench.steps * cfg.batch_size / seconds if bench.steps else None,
+            "flops_per_s": log.flops / seconds if bench.steps else None,
             "memory": torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None}
 
 
@@ -170,20 +169,16 @@ def main(argv):
     note = "" if bench.preset or cuda else " (no CUDA; the reference preset takes ~5 s a sample on 2 CPU cores)"
     print(f"bench.py: {where} | torch {torch.__version__} | preset {preset}{note}")
     generate_spar.bench()
-    rows = []
-    for name in stages:
+    print(f"{where}; a step = forward + backward + AdamW; bf16 {bench.bf16 and cuda}; compile {bench.compile}\n")
+    print("| stage | preset | batch | params (trainable / total) | forward GFLOP/sample | samples/s | TFLOP/s | MFU "
+          "| peak memory |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in stages:  # one row as each stage finishes
         r = measure(name, bench, preset, device)
-        rows.append(row(r, bench, device))
-        memory = f" | {r['memory']:.1f} GiB peak" if r["memory"] is not None else ""
-        line = "{} {} | batch {} | params {} | forward {} GFLOP/sample | {} samples/s | {} TFLOP/s | {}"
-        print(line.format(*rows[-1]) + memory, flush=True)
+        memory = f"{r['memory']:.1f} GiB" if r["memory"] is not None else "-"
+        print("| " + " | ".join(row(r, bench, device) + [memory]) + " |", flush=True)
         if cuda:
             torch.cuda.empty_cache()
-    print(f"\n{where}; a step = forward + backward + AdamW; bf16 {bench.bf16 and cuda}; compile {bench.compile}\n")
-    print("| stage | preset | batch | params (trainable / total) | forward GFLOP/sample | samples/s | TFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
-    for cells in rows:
-        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ from collections import OrderedDict
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from generate_spar import CATEGORY_NAMES, MARKER_RGB, SEMANTIC_CLASSES, SHELL_IDS, draw_markers
+from psfm import sample_context
+from generate_spar import CATEGORY_NAMES, MARKER_RGB, SEMANTIC_CLASSES, SHELL_IDS, SPECIAL_TOKENS, draw_markers
 
 # -----------------------------------------------------------------------------
 # QA records
@@ -309,15 +311,18 @@ class SceneViewsDataset(torch.utils.data.Dataset):
     any of the scene's views (view_sampling="random"), or a random view 0 and others among the 2 (V - 1) views
     nearest to it by camera distance (m) + angle between the optical axes (rad) ("near": views that overlap, so
     relative pose can be learnt from them, as VGGT samples its training frames).
-    View 0 of a sample is the reference view whose camera frame the models use as the scene frame."""
+    View 0 of a sample is the reference view whose camera frame the models use as the scene frame. With
+    mask_ratio (stage psfm) the sample also holds "context" (V,) bool: view 0 and the other views Spa3R sees.
+    Every random choice comes from the sample's own generator, so resume and any world size draw the same."""
 
-    def __init__(self, data_dir, split="train", num_views=4, res=None, seed=0, samples_per_scene=1, view_sampling="random"):
+    def __init__(self, data_dir, split="train", num_views=4, res=None, seed=0, samples_per_scene=1,
+                 view_sampling="random", mask_ratio=None):
         self.store = SceneStore(data_dir)
         self.ids = scene_ids(data_dir, split)
         if not self.ids:
             raise ValueError(f"{data_dir}: no scenes in split '{split}'")
         self.num_views, self.res, self.seed, self.epoch = num_views, res, seed, 0
-        self.samples_per_scene, self.view_sampling = samples_per_scene, view_sampling
+        self.samples_per_scene, self.view_sampling, self.mask_ratio = samples_per_scene, view_sampling, mask_ratio
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -346,8 +351,11 @@ class SceneViewsDataset(torch.utils.data.Dataset):
         K = torch.from_numpy(scene["K"][views].copy())
         if self.res is not None:
             images, depth, semantic, K = resize_views(images, depth, semantic, K, self.res)
-        return {"images": images, "depth": depth, "K": K, "pose": torch.from_numpy(scene["pose"][views].copy()),
+        item = {"images": images, "depth": depth, "K": K, "pose": torch.from_numpy(scene["pose"][views].copy()),
                 "semantic": semantic, "scene": scene_id, "views": torch.from_numpy(views)}
+        if self.mask_ratio is not None:
+            item["context"] = sample_context(1, self.num_views, self.mask_ratio, generator)[0]  # (V,)
+        return item
 
 
 def hash_seed(*values):
@@ -428,25 +436,48 @@ class QADataset(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer: byte-level BPE trained on the QA text, with the chat's special tokens at ids 0..6
-
-SPECIAL_TOKENS = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<image>", "<spatial>"]
+# Checkpoints: a folder with config.json (the model's config) and model.safetensors. Nothing is pickled.
 
 
-def train_tokenizer(texts, path, vocab_size=2048):
-    """Train a byte-level BPE on `texts` and save it (atomically) as tokenizer.json at `path`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def read_weights(path):
+    """{name: tensor} of a safetensors file; a missing, truncated or corrupt one is a one-line error naming it."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: file not found")
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises its own kinds for each way a file can be broken
+        raise ValueError(f"{path}: unreadable safetensors file ({error})") from None
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(list(texts), trainer=trainer)
-    tmp = f"{path}.tmp{os.getpid()}"
-    tokenizer.save(tmp)
-    os.replace(tmp, path)
-    return tokenizer
+
+def load_weights(module, path, state=None):
+    """Load strictly: torch names every missing, unexpected and mis-shaped tensor; we add the file, on one line."""
+    try:
+        module.load_state_dict(read_weights(path) if state is None else state)
+    except RuntimeError as error:
+        raise ValueError(f"{path}: {' '.join(str(error).split())[:400]}") from None
+    return module
+
+
+def load_checkpoint(folder, build):
+    """A checkpoint folder -> build(its config.json as a dict), the module, with its weights loaded strictly.
+    build raises TypeError / ValueError / KeyError on a config it cannot use; the error then names the file."""
+    path = os.path.join(folder, "config.json")
+    config = read_json(path)
+    try:
+        module = build(config)
+    except (TypeError, ValueError, KeyError) as error:
+        raise ValueError(f"{path}: {error}") from None
+    return load_weights(module, os.path.join(folder, "model.safetensors"))
+
+
+def best_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: generate_spar.train_tokenizer made it; SPECIAL_TOKENS are the contract
 
 
 def load_tokenizer(path):

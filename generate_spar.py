@@ -1,42 +1,38 @@
 """
 generate_spar.py -- the SPAR-style data engine: 3D scenes in, spatial question-answer data out.
 
-SPAR ("From Flatland to Space") turns 3D ground truth -- geometry, cameras, object boxes -- into spatial QA
-at scale. Its generator was never released; this one is open and needs numpy only. It is the first step of
-the nanoSpa3R pipeline (see README):
+SPAR ("From Flatland to Space") turns 3D ground truth -- geometry, cameras, object boxes -- into spatial QA at
+scale; its generator was never released, this one is open. It is the pipeline's first step and its ground floor:
+it imports no other project file, and owns the data contract (the files below, the 28 tasks, the tokenizer) and
+the command-line parser every script uses.
 
     generate_spar.py -> DATA/scenes/<id>.safetensors + <id>.json, qa_train.jsonl, qa_val.jsonl, tokenizer.json
-    train.py --stage=geo | psfm | vlm     (reads DATA through data.py)
-    eval.py                               (scores the VLM on qa_val.jsonl)
+    train.py --stage=geo | psfm | vlm  (reads DATA through data.py);  eval.py  (scores qa_val.jsonl)
 
-Read top to bottom:
-  1. the object table (24 indoor categories with real size priors) and the 28 task names
-  2. camera geometry (OpenCV cameras, world z up, metres)
-  3. procedural scenes: a room, objects placed without overlap, some stacked
-  4. camera trajectories: an ordered walk (the "video") plus random views aimed at objects
-  5. the renderer: analytic ray casting of boxes, cylinders, spheres and the room -> RGB, z-depth, instances
-  6. visibility and markers: which objects a view shows well enough to ask about
-  7. the QA engine: 20 SPAR-Bench tasks and 8 VSI-Bench tasks, every answer from ground truth
-  8. real scans: the SPAR RGBD layout + boxes.json through the same QA engine
-  9. writing files (atomically), PNG preview, benchmark, command line
+Read top to bottom: 1. objects and tasks, 2. cameras, 3. procedural scenes, 4. camera trajectories, 5. the
+renderer, 6. visibility and markers, 7. the QA engine, 8. real scans, 9. files, tokenizer and command line.
 
-Usage:
-    python generate_spar.py --out=data/spar --scenes=64 --val_scenes=8 --seed=0 --workers=2
-    python generate_spar.py --out=data/spar --preview          # + PNGs of questions with their markers
-    python generate_spar.py --from_scans=DIR --out=data/real     # real RGBD scans instead of procedural rooms
-    python generate_spar.py --bench                              # renderer frames/s per core at 224x224
+    python generate_spar.py --out=data/spar --scenes=64 --val_scenes=8 --seed=0 --workers=2 [--preview=2]
+    python generate_spar.py --from_scans=DIR --out=data/real   # real RGBD scans instead of procedural rooms
+    python generate_spar.py --bench                            # renderer frames/s per core at 224x224
+    python generate_spar.py --help                             # every option with its default and meaning
 """
 
+import inspect
 import json
 import math
+import multiprocessing
 import os
+import re
 import struct
 import sys
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass, fields
 
 import numpy as np
+from safetensors.numpy import load_file as read_safetensors  # path -> {name: array}
 
 # -----------------------------------------------------------------------------
 # 1. What a scene is made of, and what we ask about it
@@ -78,34 +74,20 @@ SEMANTIC_CLASSES = ["floor", "ceiling", "wall"] + CATEGORY_NAMES
 # task -> (benchmark level, image type). SPAR-Bench's 20 tasks with its evaluator's levels (middle: view change,
 # position matching, camera motion; high: every other multiple-choice task), then VSI-Bench's 8 with its groups.
 TASKS = {
-    "depth_prediction_oc": ("low", "single_view"),
-    "depth_prediction_oc_mv": ("low", "multi_view"),
-    "depth_prediction_oo": ("low", "single_view"),
-    "depth_prediction_oo_mv": ("low", "multi_view"),
-    "distance_prediction_oc": ("low", "single_view"),
-    "distance_prediction_oc_mv": ("low", "multi_view"),
-    "distance_prediction_oo": ("low", "single_view"),
-    "distance_prediction_oo_mv": ("low", "multi_view"),
-    "view_change_infer": ("middle", "multi_view"),
-    "position_matching": ("middle", "multi_view"),
-    "camera_motion_infer": ("middle", "multi_view"),
-    "obj_spatial_relation_oo": ("high", "single_view"),
-    "obj_spatial_relation_oc_mv": ("high", "multi_view"),
-    "obj_spatial_relation_oo_mv": ("high", "multi_view"),
-    "spatial_imagination_oc": ("high", "single_view"),
-    "spatial_imagination_oo": ("high", "single_view"),
-    "spatial_imagination_oc_mv": ("high", "multi_view"),
-    "spatial_imagination_oo_mv": ("high", "multi_view"),
-    "distance_infer_center_oo": ("high", "single_view"),
-    "distance_infer_center_oo_mv": ("high", "multi_view"),
-    "object_counting": ("configuration", "video"),
-    "object_rel_distance": ("configuration", "video"),
-    "object_rel_direction": ("configuration", "video"),
-    "route_planning": ("configuration", "video"),
-    "object_abs_distance": ("measurement", "video"),
-    "object_size_estimation": ("measurement", "video"),
-    "room_size_estimation": ("measurement", "video"),
-    "obj_appearance_order": ("spatiotemporal", "video"),
+    "depth_prediction_oc": ("low", "single_view"), "depth_prediction_oc_mv": ("low", "multi_view"),
+    "depth_prediction_oo": ("low", "single_view"), "depth_prediction_oo_mv": ("low", "multi_view"),
+    "distance_prediction_oc": ("low", "single_view"), "distance_prediction_oc_mv": ("low", "multi_view"),
+    "distance_prediction_oo": ("low", "single_view"), "distance_prediction_oo_mv": ("low", "multi_view"),
+    "view_change_infer": ("middle", "multi_view"), "position_matching": ("middle", "multi_view"),
+    "camera_motion_infer": ("middle", "multi_view"), "obj_spatial_relation_oo": ("high", "single_view"),
+    "obj_spatial_relation_oc_mv": ("high", "multi_view"), "obj_spatial_relation_oo_mv": ("high", "multi_view"),
+    "spatial_imagination_oc": ("high", "single_view"), "spatial_imagination_oo": ("high", "single_view"),
+    "spatial_imagination_oc_mv": ("high", "multi_view"), "spatial_imagination_oo_mv": ("high", "multi_view"),
+    "distance_infer_center_oo": ("high", "single_view"), "distance_infer_center_oo_mv": ("high", "multi_view"),
+    "object_counting": ("configuration", "video"), "object_rel_distance": ("configuration", "video"),
+    "object_rel_direction": ("configuration", "video"), "route_planning": ("configuration", "video"),
+    "object_abs_distance": ("measurement", "video"), "object_size_estimation": ("measurement", "video"),
+    "room_size_estimation": ("measurement", "video"), "obj_appearance_order": ("spatiotemporal", "video"),
 }
 SPAR_TASKS = list(TASKS)[:20]
 VSI_TASKS = list(TASKS)[20:]
@@ -114,7 +96,6 @@ VSI_TASKS = list(TASKS)[20:]
 # 2. Cameras. OpenCV convention: x right, y down, z forward. World: z up, metres.
 # A pose is camera-to-world (4, 4): its columns 0..2 are the camera axes in world, column 3 the camera centre.
 
-
 def intrinsics(width, height, fov_x_deg):
     """Pinhole K for square pixels with the principal point at the image centre."""
     fx = 0.5 * width / math.tan(math.radians(fov_x_deg) / 2)
@@ -122,8 +103,7 @@ def intrinsics(width, height, fov_x_deg):
 
 
 def look_pose(position, yaw, pitch):
-    """Camera-to-world pose at `position` looking at heading `yaw` (radians, counter-clockwise from +x)
-    tilted by `pitch` (radians, negative = down), with no roll."""
+    """Camera-to-world pose at `position`, heading `yaw` (radians from +x, counter-clockwise), tilted by `pitch`."""
     forward = np.array([math.cos(pitch) * math.cos(yaw), math.cos(pitch) * math.sin(yaw), math.sin(pitch)])
     right = np.cross(forward, [0.0, 0.0, 1.0])
     right /= np.linalg.norm(right)
@@ -134,14 +114,12 @@ def look_pose(position, yaw, pitch):
 
 
 def camera_center(pose):
-    """The camera centre of a camera-to-world pose is its translation column.
-    (Not -R.T @ t: that formula is for world-to-camera extrinsics; VLM-3R had to publish an erratum for it.)"""
+    """The translation column (not -R.T @ t: that is for world-to-camera extrinsics, see VLM-3R's erratum)."""
     return np.asarray(pose, dtype=np.float64)[:3, 3]
 
 
 def heading_frame(pose):
-    """Gravity-aligned (forward, right) unit vectors on the floor plane for a camera: 'left/right/front/behind'
-    in questions are measured in this frame, so a tilted camera does not change the answer."""
+    """Floor-plane (forward, right) unit vectors of a camera: 'left', 'front', ... in questions ignore its tilt."""
     forward = np.asarray(pose, dtype=np.float64)[:3, 2].copy()
     forward[2] = 0.0
     forward /= max(np.linalg.norm(forward), 1e-9)
@@ -177,18 +155,13 @@ def box_corners(obj):
 # -----------------------------------------------------------------------------
 # 3. Procedural scenes: an axis-aligned rectangular room centred on the origin, floor at z = 0.
 
-
 def sample_room(rng):
     width, depth, height = rng.uniform(3, 10), rng.uniform(3, 8), rng.uniform(2.4, 3.2)
     half_w, half_d = width / 2, depth / 2
-    return {
-        "size": [round(width, 3), round(depth, 3), round(height, 3)],
-        "floor": [[-half_w, -half_d], [half_w, -half_d], [half_w, half_d], [-half_w, half_d]],
-        "floor_area": round(width * depth, 4),
-        "floor_color": rng.integers(90, 200, 3).tolist(),
-        "ceiling_color": rng.integers(200, 250, 3).tolist(),
-        "wall_colors": rng.integers(120, 230, (4, 3)).tolist(),
-    }
+    return {"size": [round(width, 3), round(depth, 3), round(height, 3)],
+            "floor": [[-half_w, -half_d], [half_w, -half_d], [half_w, half_d], [-half_w, half_d]],
+            "floor_area": round(width * depth, 4), "floor_color": rng.integers(90, 200, 3).tolist(),
+            "ceiling_color": rng.integers(200, 250, 3).tolist(), "wall_colors": rng.integers(120, 230, (4, 3)).tolist()}
 
 
 def category_color(rng, category):
@@ -200,8 +173,7 @@ def category_color(rng, category):
 
 def footprints_overlap(a, b, gap=0.05):
     """Separating-axis test of two objects' floor rectangles (each grown by gap / 2) and their z-ranges."""
-    za, zb = a["center"][2], b["center"][2]
-    if abs(za - zb) >= (a["size"][2] + b["size"][2]) / 2:
+    if abs(a["center"][2] - b["center"][2]) >= (a["size"][2] + b["size"][2]) / 2:
         return False
     corners = []
     for obj in (a, b):
@@ -294,8 +266,7 @@ def sample_scene(rng, scene_id, min_objects=6, max_objects=30):
 
 
 def inside_any_object(point, objects, margin):
-    """True if `point` lies within `margin` of any object's floor footprint, whatever its height: a person
-    filming stands beside the bed, not above it."""
+    """Is `point` within `margin` of an object's footprint, at any height (a person stands beside a bed)?"""
     for obj in objects:
         local = yaw_matrix(obj["yaw"]).T @ (np.asarray(point) - obj["center"])
         if np.all(np.abs(local[:2]) <= np.asarray(obj["size"][:2]) / 2 + margin):
@@ -306,10 +277,8 @@ def inside_any_object(point, objects, margin):
 # 4. Camera trajectories. The "video" is an ordered walk at eye height through free floor space; random views
 # stand somewhere free and look at an object, so multi-view questions have overlapping views to work with.
 
-
 def free_floor_point(rng, scene, eye_height, margin=0.35):
-    """A random camera position at eye height outside every object's footprint: first with `margin` to spare,
-    then (crowded rooms) with less."""
+    """A camera position at eye height outside every footprint: `margin` to spare, else less (crowded rooms)."""
     half_w, half_d = scene["room"]["size"][0] / 2 - margin, scene["room"]["size"][1] / 2 - margin
     for clearance in (margin, margin / 3, 0.0):
         for _ in range(100):
@@ -320,9 +289,8 @@ def free_floor_point(rng, scene, eye_height, margin=0.35):
 
 
 def sample_walk(rng, scene, frames, eye_height):
-    """An ordered walk through 3 free waypoints, frames evenly spaced along it; the gaze follows the walking
-    direction with a slow sideways pan, as a person filming a room does. In a room too crowded for a free path
-    the person stands still and pans."""
+    """An ordered walk through 3 free waypoints, looking where it goes with a slow sideways pan, as a person
+    filming a room does; in a room too crowded for a free path the person stands still and pans."""
     for _ in range(30):  # a path whose every 5 cm stays off the furniture
         waypoints = np.stack([free_floor_point(rng, scene, eye_height) for _ in range(3)])
         path = np.concatenate([np.linspace(a, b, int(np.linalg.norm(b - a) / 0.05) + 2)
@@ -360,8 +328,7 @@ def sample_view_of_object(rng, scene, eye_height):
 
 
 def sample_cameras(rng, scene, video_frames, random_views, res):
-    """All cameras of a scene: K (V, 3, 3) and camera-to-world poses (V, 4, 4); frames 0..video_frames-1 are
-    the ordered walk."""
+    """K (V, 3, 3) and camera-to-world poses (V, 4, 4) of a scene; views 0..video_frames-1 are the walk."""
     eye_height = rng.uniform(1.2, 1.7)
     poses = sample_walk(rng, scene, video_frames, eye_height)
     poses += [sample_view_of_object(rng, scene, eye_height) for _ in range(random_views)]
@@ -374,9 +341,8 @@ def sample_cameras(rng, scene, video_frames, random_views, res):
 # Rays are scaled so their camera-space z is 1: the ray parameter t of a hit *is* its z-depth.
 # Each primitive is intersected in its own unit frame (box = [-1, 1]^3, cylinder = unit disc x [-1, 1] along z,
 # sphere = unit ball): p_unit = R_yaw^T (p - centre) / half_size is affine, so t is the same in both frames.
-# Rays are kept as three (H, W) planes (x, y, z components): elementwise numpy on them is much faster than
-# reductions over a trailing axis of length 3. Only depth and instance are resolved per object; normals are
-# computed once at the end for the pixels each object won ("deferred shading").
+# Rays are three (H, W) planes (x, y, z): elementwise numpy beats reductions over a trailing axis of 3.
+# Objects resolve only depth and instance; normals come once, at the end, for the pixels each won.
 
 LIGHT = np.array([0.35, 0.55, 0.76], dtype=np.float32)  # unit vector towards the light, from above
 
@@ -473,8 +439,7 @@ def room_hits(room, origin, d):
 
 
 def texture_noise(x, y, z, cell=0.05):
-    """A fixed pseudo-random value in [-1, 1] per 5 cm cell of world space (an integer hash: exactly
-    reproducible on every machine)."""
+    """A fixed value in [-1, 1] per 5 cm cell of world space (an integer hash: the same on every machine)."""
     h = ((np.floor(x / cell).astype(np.int32) * 73856093) ^ (np.floor(y / cell).astype(np.int32) * 19349663)
          ^ (np.floor(z / cell).astype(np.int32) * 83492791))
     return (h & 1023).astype(np.float32) / 511.5 - 1.0
@@ -491,8 +456,7 @@ def render(scene, K, pose, height, width, with_room=True):
         depth, surface = np.full((height, width), np.inf, np.float32), np.full((height, width), -4, np.int16)
     rects = {}
     for index, obj in enumerate(scene["objects"]):
-        bounds = object_pixel_bounds(K, pose, obj, height, width)
-        if bounds is None:
+        if (bounds := object_pixel_bounds(K, pose, obj, height, width)) is None:
             continue
         v0, v1, u0, u1 = rects[index] = bounds
         o, local_d = to_unit_frame(obj, origin, d[:, v0:v1, u0:u1])
@@ -506,8 +470,7 @@ def render(scene, K, pose, height, width, with_room=True):
 
 
 def shade(scene, origin, d, depth, surface, rects):
-    """Lambert shading of each pixel's base colour (a fixed light from above, both faces lit), with a floor
-    checkerboard and a little multiplicative texture noise."""
+    """Lambert shading (a fixed light from above, both faces lit), a floor checkerboard and a little texture."""
     room = scene["room"]
     finite = np.where(np.isfinite(depth), depth, 0)
     x, y, z = origin[0] + d[0] * finite, origin[1] + d[1] * finite, origin[2] + d[2] * finite
@@ -543,7 +506,6 @@ def shade(scene, origin, d, depth, surface, rects):
 
 # -----------------------------------------------------------------------------
 # PNG files with the standard library (zlib): preview images, and the real-scan colour/depth frames.
-
 
 def write_png(path, image):
     """Write uint8 (H, W, 3) RGB or uint16 (H, W) gray as a PNG, atomically."""
@@ -582,29 +544,21 @@ def read_png(path):
         raise ValueError(f"{path}: unsupported PNG (color type {color}, bit depth {depth}, interlace {interlace})")
     bpp = channels * depth // 8
     raw = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8).reshape(height, 1 + width * bpp)
-    out = np.zeros((height, width * bpp), dtype=np.int32)
+    out = np.zeros((height + 1, bpp + width * bpp), dtype=np.int32)  # a zero row above, a zero pixel to the left
     for r in range(height):  # undo the per-row filters
-        kind, line = raw[r, 0], raw[r, 1:].astype(np.int32)
-        prev = out[r - 1] if r else np.zeros(width * bpp, np.int32)
-        if kind == 0:
-            out[r] = line
-        elif kind == 2:
-            out[r] = (line + prev) & 255
-        else:  # sub, average and Paeth depend on the pixel to the left: walk the row
-            row = out[r]
-            for i in range(width * bpp):
-                left = row[i - bpp] if i >= bpp else 0
-                up_left = prev[i - bpp] if i >= bpp else 0
-                if kind == 1:
-                    pred = left
-                elif kind == 3:
-                    pred = (left + prev[i]) // 2
-                else:
-                    p = left + prev[i] - up_left
-                    pa, pb, pc = abs(p - left), abs(p - prev[i]), abs(p - up_left)
-                    pred = left if pa <= pb and pa <= pc else (prev[i] if pb <= pc else up_left)
-                row[i] = (line[i] + pred) & 255
-    data = out.astype(np.uint8)
+        kind, line, prev, row = raw[r, 0], raw[r, 1:].astype(np.int32), out[r], out[r + 1]
+        if kind in (0, 2):  # none, up: the whole row at once
+            row[bpp:] = (line + prev[bpp:] * (kind == 2)) & 255
+        elif kind == 1:  # sub: a running sum along the row, per channel
+            row[bpp:] = np.cumsum(line.reshape(width, bpp), axis=0).reshape(-1) & 255
+        else:  # average and Paeth depend on the pixel to the left, just decoded: walk the row
+            for i in range(bpp, len(row)):
+                left, up, up_left = row[i - bpp], prev[i], prev[i - bpp]
+                p = left + up - up_left
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
+                paeth = left if pa <= pb and pa <= pc else (up if pb <= pc else up_left)
+                row[i] = (line[i - bpp] + ((left + up) // 2 if kind == 3 else paeth)) & 255
+    data = out[1:, bpp:].astype(np.uint8)
     if depth == 16:
         data = data.reshape(height, width * channels, 2)
         data = (data[..., 0].astype(np.uint16) << 8) | data[..., 1]
@@ -646,9 +600,10 @@ class SceneViews:
         return [int(o) for o in np.flatnonzero(self.pixels[view] >= self.min_pixels)]
 
 
-def measure_visibility(instance, n_objects):
-    """Per view and object: visible pixel count, marker point and box on the 0-1000 grid, from instance maps."""
+def scene_views(scene, K, poses, instance, video_frames):
+    """SceneViews of a scene: per view and object, the visible pixel count, marker point and box (0-1000 grid)."""
     views, height, width = instance.shape
+    n_objects = len(scene["objects"])
     pixels = np.zeros((views, n_objects), dtype=np.int64)
     points = np.zeros((views, n_objects, 2), dtype=np.int64)
     boxes = np.zeros((views, n_objects, 4), dtype=np.int64)
@@ -667,12 +622,6 @@ def measure_visibility(instance, n_objects):
             pixels[view, obj] = len(ou)
             points[view, obj] = np.round((np.array([ou[nearest], ov[nearest]]) + 0.5) * to_grid)
             boxes[view, obj] = np.round(np.array([ou.min(), ov.min(), ou.max() + 1, ov.max() + 1]) * np.tile(to_grid, 2))
-    return pixels, points, boxes
-
-
-def scene_views(scene, K, poses, instance, video_frames):
-    pixels, points, boxes = measure_visibility(instance, len(scene["objects"]))
-    height, width = instance.shape[1:]
     return SceneViews(scene, np.asarray(K, np.float64), np.asarray(poses, np.float64), video_frames, pixels,
                       points, boxes, max(24, int(0.004 * height * width)))
 
@@ -684,6 +633,7 @@ def scene_views(scene, K, poses, instance, video_frames):
 FILL_METRES = "Answer with a single number in meters."
 SELECT_LETTER = "Answer with the option's letter from the given choices directly."
 QUADRANTS = ["front-left", "front-right", "back-left", "back-right"]
+RELATIONS = ["left of", "right of", "in front of", "behind"]
 
 
 def center(obj):
@@ -691,8 +641,7 @@ def center(obj):
 
 
 def planar_direction(origin, facing, target):
-    """Angle (degrees) of `target` seen from `origin` when facing `facing` (points or a direction), on the
-    floor plane: 0 = straight ahead, +90 = right, -90 = left, +-180 = behind."""
+    """Floor-plane angle (degrees) of `target` from `origin` facing `facing`: 0 ahead, +90 right, +-180 behind."""
     f = np.asarray(facing, dtype=np.float64)[:2]
     f = f / max(np.linalg.norm(f), 1e-9)
     rel = (np.asarray(target, dtype=np.float64) - origin)[:2]
@@ -707,11 +656,6 @@ def quadrant(angle, margin=15.0):
     return ("back-" if abs(angle) > 90 else "front-") + ("right" if angle > 0 else "left")
 
 
-def camera_direction(pose, point):
-    """Angle (degrees) of a world point from a camera, in its gravity-aligned heading frame."""
-    return planar_direction(camera_center(pose), heading_frame(pose)[0], point)
-
-
 def camera_relative(pose, point):
     """(right, forward) metres of a world point from a camera, in its gravity-aligned heading frame."""
     forward, right = heading_frame(pose)
@@ -720,16 +664,14 @@ def camera_relative(pose, point):
 
 
 def camera_motion(pose_from, pose_to):
-    """How a camera moved between two views, in the first view's heading frame: right and forward (metres) and
-    the yaw turn (degrees, positive = turned right)."""
+    """Motion between two views in the first's heading frame: right, forward (m) and turn (degrees, + = right)."""
     right, forward = camera_relative(pose_from, camera_center(pose_to))
     yaw = planar_direction(np.zeros(3), heading_frame(pose_from)[0], heading_frame(pose_to)[0])
     return right, forward, yaw
 
 
 def closest_box_distance(a, b, iterations=200):
-    """Distance (m) between the closest points of two oriented boxes, by alternating projections (which
-    converge to a closest pair for two convex sets); 0 if they touch or overlap."""
+    """Closest-point distance (m) of two oriented boxes by alternating projections (convex sets); 0 if touching."""
     def project_onto(obj, p):
         rot, half = yaw_matrix(obj["yaw"]), np.asarray(obj["size"]) / 2
         return rot @ np.clip(rot.T @ (p - center(obj)), -half, half) + center(obj)
@@ -745,8 +687,7 @@ def closest_box_distance(a, b, iterations=200):
 
 
 def relation_word(right_a, forward_a, right_b, forward_b, min_gap=0.3):
-    """Where A is relative to B as seen from a camera (left of / right of / in front of / behind), or None when
-    no single direction clearly dominates."""
+    """A relative to B seen from a camera: left of / right of / in front of / behind, or None if unclear."""
     d_right, d_forward = right_a - right_b, forward_a - forward_b
     if abs(d_right) >= max(1.5 * abs(d_forward), min_gap):
         return "right of" if d_right > 0 else "left of"
@@ -765,21 +706,8 @@ def turn_word(heading, new_heading):
     return None
 
 
-def format_number(value, decimals):
-    return f"{value:.{decimals}f}"
-
-
-def lettered_options(rng, correct, distractors):
-    """Shuffle the correct option among distractors -> (['A. ...', 'B. ...'], correct letter)."""
-    choices = [correct] + list(distractors)
-    order = rng.permutation(len(choices))
-    options = [f"{'ABCDEFGH'[i]}. {choices[k]}" for i, k in enumerate(order)]
-    return options, "ABCDEFGH"[int(np.flatnonzero(order == 0)[0])]
-
-
 def numeric_distractors(rng, truth, decimals, count=3):
-    """`count` values drawn from U(0.25, 1.75) * truth, each at least 20 % of the truth away from the truth
-    and from each other (after rounding)."""
+    """`count` values from U(0.25, 1.75) * truth, rounded, 20 % of the truth away from it and each other."""
     values = [round(truth, decimals)]
     for _ in range(1000):
         if len(values) == count + 1:
@@ -787,7 +715,7 @@ def numeric_distractors(rng, truth, decimals, count=3):
         candidate = round(truth * rng.uniform(0.25, 1.75), decimals)
         if all(abs(candidate - v) >= 0.2 * abs(truth) for v in values):
             values.append(candidate)
-    return None if len(values) < count + 1 else [format_number(v, decimals) for v in values[1:]]
+    return None if len(values) < count + 1 else [f"{v:.{decimals}f}" for v in values[1:]]
 
 
 class Asker:
@@ -795,14 +723,12 @@ class Asker:
 
     def __init__(self, views, rng, numeric_select=0.25):
         self.views, self.rng, self.numeric_select = views, rng, numeric_select
-        self.objects = views.scene["objects"]
-        self.n_views = len(views.poses)
+        self.objects, self.n_views = views.scene["objects"], len(views.poses)
+        self.video = list(range(views.video_frames))  # the frames of the ordered walk, as a question's images
 
     def pick(self, items, count):
         items = list(items)
-        if len(items) < count:
-            return None
-        return [items[i] for i in self.rng.choice(len(items), count, replace=False)]
+        return None if len(items) < count else [items[i] for i in self.rng.choice(len(items), count, replace=False)]
 
     def view_with(self, count):
         """A random view showing at least `count` objects, and `count` of them."""
@@ -832,26 +758,26 @@ class Asker:
 
     def numeric(self, value, decimals, unit_text):
         """A numeric answer, as `fill` or (with probability numeric_select) as `select` with distractors."""
-        if self.rng.random() < self.numeric_select:
-            distractors = numeric_distractors(self.rng, value, decimals)
-            if distractors is not None:
-                options, letter = lettered_options(self.rng, format_number(value, decimals), distractors)
-                return {"format_type": "select", "answer": letter, "options": options}
-        return {"format_type": "fill", "answer": format_number(value, decimals), "instruction": unit_text}
+        text = f"{value:.{decimals}f}"
+        if self.rng.random() < self.numeric_select and (distractors := numeric_distractors(self.rng, value, decimals)):
+            return self.choice(text, distractors)
+        return {"format_type": "fill", "answer": text, "instruction": unit_text}
 
     def choice(self, correct, distractors):
-        options, letter = lettered_options(self.rng, correct, distractors)
-        return {"format_type": "select", "answer": letter, "options": options}
+        """A multiple-choice answer: the correct option shuffled among the distractors, answered by its letter."""
+        choices = [correct] + list(distractors)
+        order = self.rng.permutation(len(choices))
+        options = [f"{'ABCDEFGH'[i]}. {choices[k]}" for i, k in enumerate(order)]
+        return {"format_type": "select", "answer": "ABCDEFGH"[int(np.flatnonzero(order == 0)[0])], "options": options}
 
 
 def finish(question, answer, images, markers=None):
     """Assemble a task's output: the question text carries its options and the answer instruction."""
-    text = question
     if answer["format_type"] == "select":
-        text += "\nOptions:\n" + "\n".join(answer["options"]) + "\n" + SELECT_LETTER
+        question += "\nOptions:\n" + "\n".join(answer["options"]) + "\n" + SELECT_LETTER
     else:
-        text += "\n" + answer.get("instruction", FILL_METRES)
-    out = {"image": [int(i) for i in images], "question": text, "format_type": answer["format_type"],
+        question += "\n" + answer.get("instruction", FILL_METRES)
+    out = {"image": [int(i) for i in images], "question": question, "format_type": answer["format_type"],
            "answer": answer["answer"]}
     if "options" in answer:
         out["options"] = answer["options"]
@@ -873,27 +799,23 @@ def one_object_in_second_view(a):
     return v1, v2, chosen[0]
 
 
-def two_objects(a, multi):
-    """(camera view, images, [A, B], [A's view, B's view]): both in one view, or A in image 1 and B in image 2."""
+def marked_objects(a, multi, count):
+    """(camera view, images, objects, each one's view): `count` objects in one view; _mv: 1 in image 1, rest in 2."""
     if not multi:
-        view, chosen = a.view_with(2)
-        return None if view is None else (view, [view], chosen, [view, view])
+        view, chosen = a.view_with(count)
+        return None if view is None else (view, [view], chosen, [view] * count)
     v1, v2 = a.view_pair()
     if v1 is None:
         return None
     first = a.pick(a.views.visible(v1), 1)
-    second = a.pick([o for o in a.views.visible(v2) if first and o != first[0]], 1)
-    if not first or not second:
-        return None
-    return v1, [v1, v2], [first[0], second[0]], [v1, v2]
+    others = first and a.pick([o for o in a.views.visible(v2) if o != first[0]], count - 1)
+    return (v1, [v1, v2], first + others, [v1] + [v2] * (count - 1)) if others else None
 
 
 def one_object(a, multi):
-    """(camera view, images, object, its reference, markers): an object in one view, or for _mv an object
-    marked in image 2 whose depth and distance refer to image 1's camera."""
+    """(camera view, images, object, its reference, markers): one object; _mv: marked in image 2, image 1's camera."""
     if multi:
-        picked = one_object_in_second_view(a)
-        if picked is None:
+        if (picked := one_object_in_second_view(a)) is None:
             return None
         cam, view, obj = picked
         images, slot = [cam, view], 1
@@ -906,9 +828,8 @@ def one_object(a, multi):
     return cam, images, obj, a.mark(obj, view, slot, markers, multi), markers
 
 
-def ask_depth_oc(a, multi):
-    picked = one_object(a, multi)
-    if picked is None:
+def ask_depth_oc(a, multi=False):
+    if (picked := one_object(a, multi)) is None:
         return None
     cam, images, obj, ref, markers = picked
     camera = "the camera of image 1" if multi else "the camera"
@@ -917,9 +838,8 @@ def ask_depth_oc(a, multi):
     return None if depth < 0.3 else finish(question, a.numeric(depth, 2, FILL_METRES), images, markers)
 
 
-def ask_depth_oo(a, multi):
-    picked = two_objects(a, multi)
-    if picked is None:
+def ask_depth_oo(a, multi=False):
+    if (picked := marked_objects(a, multi, 2)) is None:
         return None
     cam, images, objs, views = picked
     depths = [world_to_camera(a.views.poses[cam], center(a.objects[o]))[2] for o in objs]
@@ -935,9 +855,8 @@ def ask_depth_oo(a, multi):
     return finish(question, a.numeric(depths[0] - depths[1], 2, FILL_METRES), images, markers)
 
 
-def ask_distance_oc(a, multi):
-    picked = one_object(a, multi)
-    if picked is None:
+def ask_distance_oc(a, multi=False):
+    if (picked := one_object(a, multi)) is None:
         return None
     cam, images, obj, ref, markers = picked
     camera = "the camera of image 1" if multi else "the camera"
@@ -946,9 +865,8 @@ def ask_distance_oc(a, multi):
     return finish(question, a.numeric(distance, 2, FILL_METRES), images, markers)
 
 
-def ask_distance_oo(a, multi):
-    picked = two_objects(a, multi)
-    if picked is None:
+def ask_distance_oo(a, multi=False):
+    if (picked := marked_objects(a, multi, 2)) is None:
         return None
     cam, images, objs, views = picked
     distance = np.linalg.norm(center(a.objects[objs[0]]) - center(a.objects[objs[1]]))
@@ -992,8 +910,7 @@ def ask_camera_motion(a):
     v1, v2 = a.view_pair()
     if v1 is None:
         return None
-    correct = motion_words(*camera_motion(a.views.poses[v1], a.views.poses[v2]))
-    if correct is None:
+    if (correct := motion_words(*camera_motion(a.views.poses[v1], a.views.poses[v2]))) is None:
         return None
     every = [f"moved {m} and turned {t}" for m in ("forward", "backward", "left", "right") for t in ("left", "right")]
     question = "How did the camera move between image 1 and image 2?"
@@ -1020,18 +937,13 @@ def ask_position_matching(a):
     return finish(question, a.choice(as_text[0], as_text[1:]), [v1, v2], markers)
 
 
-RELATIONS = ["left of", "right of", "in front of", "behind"]
-
-
-def ask_relation_oo(a, multi):
-    picked = two_objects(a, multi)
-    if picked is None:
+def ask_relation_oo(a, multi=False):
+    if (picked := marked_objects(a, multi, 2)) is None:
         return None
     cam, images, objs, views = picked
     pose = a.views.poses[cam]
     (ra, fa), (rb, fb) = (camera_relative(pose, center(a.objects[o])) for o in objs)
-    correct = relation_word(ra, fa, rb, fb)
-    if correct is None:
+    if (correct := relation_word(ra, fa, rb, fb)) is None:
         return None
     markers = []
     refs = [a.mark(o, v, images.index(v), markers, multi) for o, v in zip(objs, views)]
@@ -1041,11 +953,11 @@ def ask_relation_oo(a, multi):
 
 
 def ask_relation_oc_mv(a):
-    picked = one_object_in_second_view(a)
-    if picked is None:
+    if (picked := one_object_in_second_view(a)) is None:
         return None
     cam, other, obj = picked
-    correct = quadrant(camera_direction(a.views.poses[cam], center(a.objects[obj])))
+    pose = a.views.poses[cam]
+    correct = quadrant(planar_direction(camera_center(pose), heading_frame(pose)[0], center(a.objects[obj])))
     if correct is None:
         return None
     markers = []
@@ -1054,10 +966,9 @@ def ask_relation_oc_mv(a):
     return finish(question, a.choice(correct, [q for q in QUADRANTS if q != correct]), [cam, other], markers)
 
 
-def ask_imagination_oc(a, multi):
+def ask_imagination_oc(a, multi=False):
     """Perspective taking: stand at object A, face the camera; where is object B?"""
-    picked = two_objects(a, multi)
-    if picked is None:
+    if (picked := marked_objects(a, multi, 2)) is None:
         return None
     cam, images, objs, views = picked
     if multi:  # A is marked in image 2, B in image 1; the camera is image 1's
@@ -1066,8 +977,7 @@ def ask_imagination_oc(a, multi):
     camera = camera_center(a.views.poses[cam])
     if np.linalg.norm((camera - stand)[:2]) < 0.5:
         return None
-    correct = quadrant(planar_direction(stand, camera - stand, other))
-    if correct is None:
+    if (correct := quadrant(planar_direction(stand, camera - stand, other))) is None:
         return None
     markers = []
     refs = [a.mark(o, v, images.index(v), markers, multi) for o, v in zip(objs, views)]
@@ -1076,27 +986,15 @@ def ask_imagination_oc(a, multi):
     return finish(question, a.choice(correct, [q for q in QUADRANTS if q != correct]), images, markers)
 
 
-def ask_imagination_oo(a, multi):
-    """Perspective taking: stand at object A, face object B; where is object C?"""
-    if multi:  # A in image 1, B and C in image 2
-        v1, v2 = a.view_pair()
-        if v1 is None:
-            return None
-        first = a.pick(a.views.visible(v1), 1)
-        rest = first and a.pick([o for o in a.views.visible(v2) if o != first[0]], 2)
-        if not rest:
-            return None
-        objs, views, images = first + rest, [v1, v2, v2], [v1, v2]
-    else:
-        view, objs = a.view_with(3)
-        if view is None:
-            return None
-        views, images = [view] * 3, [view]
+def ask_imagination_oo(a, multi=False):
+    """Perspective taking: stand at object A, face object B; where is object C? (_mv: B and C in image 2)"""
+    if (picked := marked_objects(a, multi, 3)) is None:
+        return None
+    _, images, objs, views = picked
     stand, face, other = (center(a.objects[o]) for o in objs)
     if np.linalg.norm((face - stand)[:2]) < 0.5:
         return None
-    correct = quadrant(planar_direction(stand, face - stand, other))
-    if correct is None:
+    if (correct := quadrant(planar_direction(stand, face - stand, other))) is None:
         return None
     markers = []
     refs = [a.mark(o, v, images.index(v), markers, multi) for o, v in zip(objs, views)]
@@ -1104,22 +1002,11 @@ def ask_imagination_oo(a, multi):
     return finish(question, a.choice(correct, [q for q in QUADRANTS if q != correct]), images, markers)
 
 
-def ask_distance_infer_center(a, multi):
-    """Which of three marked objects is closest (centre to centre) to a reference object?"""
-    if multi:  # the reference in image 1, the candidates in image 2
-        v1, v2 = a.view_pair()
-        if v1 is None:
-            return None
-        anchor = a.pick(a.views.visible(v1), 1)
-        candidates = anchor and a.pick([o for o in a.views.visible(v2) if o != anchor[0]], 3)
-        if not candidates:
-            return None
-        objs, views, images = anchor + candidates, [v1] + [v2] * 3, [v1, v2]
-    else:
-        view, objs = a.view_with(4)
-        if view is None:
-            return None
-        views, images = [view] * 4, [view]
+def ask_distance_infer_center(a, multi=False):
+    """Which of three marked objects is closest (centre to centre) to a reference one? (_mv: the three in image 2)"""
+    if (picked := marked_objects(a, multi, 4)) is None:
+        return None
+    _, images, objs, views = picked
     distances = [np.linalg.norm(center(a.objects[o]) - center(a.objects[objs[0]])) for o in objs[1:]]
     ranked = np.argsort(distances)
     if distances[ranked[1]] < max(1.15 * distances[ranked[0]], distances[ranked[0]] + 0.15):
@@ -1138,14 +1025,8 @@ def video_objects(a):
     """(objects seen in the video, those whose category is unique in the room)."""
     frames = range(a.views.video_frames)
     seen = [o for o in range(len(a.objects)) if any(a.views.pixels[f, o] >= a.views.min_pixels for f in frames)]
-    counts = {}
-    for obj in a.objects:
-        counts[obj["category"]] = counts.get(obj["category"], 0) + 1
+    counts = Counter(obj["category"] for obj in a.objects)
     return seen, [o for o in seen if counts[a.objects[o]["category"]] == 1]
-
-
-def video(a):
-    return list(range(a.views.video_frames))
 
 
 def name(a, obj):
@@ -1160,30 +1041,28 @@ def ask_counting(a):
     count = sum(name(a, o) == category for o in seen)
     question = f"How many {category}(s) can be seen in this video of a room?"
     return finish(question, {"format_type": "fill", "answer": str(count), "instruction": "Answer with a single number."},
-                  video(a))
+                  a.video)
 
 
 def ask_abs_distance(a):
-    pair = a.pick(video_objects(a)[1], 2)
-    if pair is None:
+    if (pair := a.pick(video_objects(a)[1], 2)) is None:
         return None
     distance = closest_box_distance(a.objects[pair[0]], a.objects[pair[1]])
     if distance < 0.2:
         return None
     question = (f"Measuring from the closest point of each object, what is the distance between the "
                 f"{name(a, pair[0])} and the {name(a, pair[1])} (in meters)?")
-    return finish(question, {"format_type": "fill", "answer": format_number(distance, 2)}, video(a))
+    return finish(question, {"format_type": "fill", "answer": f"{distance:.2f}"}, a.video)
 
 
 def ask_object_size(a):
-    chosen = a.pick(video_objects(a)[1], 1)
-    if chosen is None:
+    if (chosen := a.pick(video_objects(a)[1], 1)) is None:
         return None
     longest = 100 * max(a.objects[chosen[0]]["size"])
     question = (f"What is the length of the longest dimension (length, width, or height) of the "
                 f"{name(a, chosen[0])}, measured in centimeters?")
-    return finish(question, {"format_type": "fill", "answer": format_number(longest, 0),
-                             "instruction": "Answer with a single number in centimeters."}, video(a))
+    return finish(question, {"format_type": "fill", "answer": f"{longest:.0f}",
+                             "instruction": "Answer with a single number in centimeters."}, a.video)
 
 
 def ask_room_size(a):
@@ -1191,13 +1070,12 @@ def ask_room_size(a):
     if not area:
         return None
     question = "What is the size of this room (in square meters)?"
-    return finish(question, {"format_type": "fill", "answer": format_number(area, 1),
-                             "instruction": "Answer with a single number in square meters."}, video(a))
+    return finish(question, {"format_type": "fill", "answer": f"{area:.1f}",
+                             "instruction": "Answer with a single number in square meters."}, a.video)
 
 
 def ask_rel_distance(a):
-    chosen = a.pick(video_objects(a)[1], 4)
-    if chosen is None:
+    if (chosen := a.pick(video_objects(a)[1], 4)) is None:
         return None
     target, candidates = chosen[0], chosen[1:]
     distances = [closest_box_distance(a.objects[target], a.objects[o]) for o in candidates]
@@ -1208,12 +1086,11 @@ def ask_rel_distance(a):
     question = (f"Measuring from the closest point of each object, which of these objects ({', '.join(names)}) "
                 f"is the closest to the {name(a, target)}?")
     correct = names[ranked[0]]
-    return finish(question, a.choice(correct, [n for n in names if n != correct]), video(a))
+    return finish(question, a.choice(correct, [n for n in names if n != correct]), a.video)
 
 
 def rel_direction_answer(angle, difficulty):
-    """The answer word for 'standing by A facing B, where is C?' at an angle (degrees, + = right), or None
-    when the angle is within 15 degrees of a boundary between answers."""
+    """The answer to 'by A facing B, where is C?' at an angle (degrees, + = right); None near a boundary."""
     if difficulty == "hard":
         return quadrant(angle)
     if difficulty == "medium":
@@ -1224,15 +1101,13 @@ def rel_direction_answer(angle, difficulty):
 
 
 def ask_rel_direction(a):
-    chosen = a.pick(video_objects(a)[1], 3)
-    if chosen is None:
+    if (chosen := a.pick(video_objects(a)[1], 3)) is None:
         return None
     stand, face, other = (center(a.objects[o]) for o in chosen)
     if np.linalg.norm((face - stand)[:2]) < 0.5:
         return None
     difficulty = ["easy", "medium", "hard"][int(a.rng.integers(3))]
-    correct = rel_direction_answer(planar_direction(stand, face - stand, other), difficulty)
-    if correct is None:
+    if (correct := rel_direction_answer(planar_direction(stand, face - stand, other), difficulty)) is None:
         return None
     words = {"easy": ["left", "right"], "medium": ["left", "right", "back"], "hard": QUADRANTS}[difficulty]
     ask = {"easy": "to my left or right?", "medium": "to my left, right, or back? An object is to my back if I "
@@ -1240,14 +1115,13 @@ def ask_rel_direction(a):
            "hard": "to my front-left, front-right, back-left, or back-right?"}[difficulty]
     a_name, b_name, c_name = (name(a, o) for o in chosen)
     question = f"If I am standing by the {a_name} and facing the {b_name}, is the {c_name} {ask}"
-    out = finish(question, a.choice(correct, [w for w in words if w != correct]), video(a))
+    out = finish(question, a.choice(correct, [w for w in words if w != correct]), a.video)
     out["difficulty"] = difficulty
     return out
 
 
 def ask_route(a):
-    chosen = a.pick(video_objects(a)[1], 4)
-    if chosen is None:
+    if (chosen := a.pick(video_objects(a)[1], 4)) is None:
         return None
     points = [center(a.objects[o]) for o in chosen]
     legs = [points[k + 1] - points[k] for k in range(3)]
@@ -1264,19 +1138,16 @@ def ask_route(a):
                 f"You have reached the final destination.")
     every = [f"{t1}, {t2}" for t1 in ("Turn Left", "Turn Right", "Turn Back") for t2 in ("Turn Left", "Turn Right", "Turn Back")]
     correct = ", ".join(turns)
-    return finish(question, a.choice(correct, a.pick([w for w in every if w != correct], 3)), video(a))
+    return finish(question, a.choice(correct, a.pick([w for w in every if w != correct], 3)), a.video)
 
 
 def ask_appearance_order(a):
-    frames = video(a)
-    first = {}
-    for obj in video_objects(a)[1]:
-        first[obj] = next(f for f in frames if a.views.pixels[f, obj] >= a.views.min_pixels)
+    frames = a.video
+    first = {o: next(f for f in frames if a.views.pixels[f, o] >= a.views.min_pixels) for o in video_objects(a)[1]}
     by_frame = {}
     for obj, frame in first.items():  # one object per first-appearance frame, so the order is unambiguous
         by_frame.setdefault(frame, obj)
-    chosen = a.pick(sorted(by_frame.values()), 4)
-    if chosen is None:
+    if (chosen := a.pick(sorted(by_frame.values()), 4)) is None:
         return None
     names = [name(a, o) for o in chosen]
     correct_order = [name(a, o) for o in sorted(chosen, key=lambda o: first[o])]
@@ -1291,35 +1162,23 @@ def ask_appearance_order(a):
     return finish(question, a.choice(", ".join(correct_order), sorted(distractors)), frames)
 
 
+# task -> its question function; each _mv task is its single-view task's function with multi=True
 ASK = {
-    "depth_prediction_oc": lambda a: ask_depth_oc(a, False),
-    "depth_prediction_oc_mv": lambda a: ask_depth_oc(a, True),
-    "depth_prediction_oo": lambda a: ask_depth_oo(a, False),
-    "depth_prediction_oo_mv": lambda a: ask_depth_oo(a, True),
-    "distance_prediction_oc": lambda a: ask_distance_oc(a, False),
-    "distance_prediction_oc_mv": lambda a: ask_distance_oc(a, True),
-    "distance_prediction_oo": lambda a: ask_distance_oo(a, False),
-    "distance_prediction_oo_mv": lambda a: ask_distance_oo(a, True),
-    "view_change_infer": ask_view_change,
-    "position_matching": ask_position_matching,
-    "camera_motion_infer": ask_camera_motion,
-    "obj_spatial_relation_oo": lambda a: ask_relation_oo(a, False),
-    "obj_spatial_relation_oc_mv": ask_relation_oc_mv,
-    "obj_spatial_relation_oo_mv": lambda a: ask_relation_oo(a, True),
-    "spatial_imagination_oc": lambda a: ask_imagination_oc(a, False),
-    "spatial_imagination_oo": lambda a: ask_imagination_oo(a, False),
+    "depth_prediction_oc": ask_depth_oc, "depth_prediction_oc_mv": lambda a: ask_depth_oc(a, True),
+    "depth_prediction_oo": ask_depth_oo, "depth_prediction_oo_mv": lambda a: ask_depth_oo(a, True),
+    "distance_prediction_oc": ask_distance_oc, "distance_prediction_oc_mv": lambda a: ask_distance_oc(a, True),
+    "distance_prediction_oo": ask_distance_oo, "distance_prediction_oo_mv": lambda a: ask_distance_oo(a, True),
+    "view_change_infer": ask_view_change, "position_matching": ask_position_matching,
+    "camera_motion_infer": ask_camera_motion, "obj_spatial_relation_oo": ask_relation_oo,
+    "obj_spatial_relation_oc_mv": ask_relation_oc_mv, "obj_spatial_relation_oo_mv": lambda a: ask_relation_oo(a, True),
+    "spatial_imagination_oc": ask_imagination_oc, "spatial_imagination_oo": ask_imagination_oo,
     "spatial_imagination_oc_mv": lambda a: ask_imagination_oc(a, True),
     "spatial_imagination_oo_mv": lambda a: ask_imagination_oo(a, True),
-    "distance_infer_center_oo": lambda a: ask_distance_infer_center(a, False),
+    "distance_infer_center_oo": ask_distance_infer_center,
     "distance_infer_center_oo_mv": lambda a: ask_distance_infer_center(a, True),
-    "object_counting": ask_counting,
-    "object_rel_distance": ask_rel_distance,
-    "object_rel_direction": ask_rel_direction,
-    "route_planning": ask_route,
-    "object_abs_distance": ask_abs_distance,
-    "object_size_estimation": ask_object_size,
-    "room_size_estimation": ask_room_size,
-    "obj_appearance_order": ask_appearance_order,
+    "object_counting": ask_counting, "object_rel_distance": ask_rel_distance, "object_rel_direction": ask_rel_direction,
+    "route_planning": ask_route, "object_abs_distance": ask_abs_distance, "object_size_estimation": ask_object_size,
+    "room_size_estimation": ask_room_size, "obj_appearance_order": ask_appearance_order,
 }
 assert list(ASK) == list(TASKS)
 
@@ -1414,8 +1273,7 @@ def read_boxes(path):
         objects.append({"id": index, "category": item["category"], "shape": "box",
                         "center": [float(v) for v in item["center"]], "size": [float(v) for v in item["size"]],
                         "yaw": yaw, "color": [128, 128, 128], "parent": None})
-    room = data.get("room", {}) if isinstance(data, dict) else {}
-    return objects, room
+    return objects, data.get("room", {}) if isinstance(data, dict) else {}
 
 
 def load_scan(scene_dir, res):
@@ -1458,9 +1316,10 @@ def scan_instances(scene, K, pose, measured_depth):
     return np.where(agrees & (box_instance >= 0), box_instance, -4).astype(np.int16)
 
 # -----------------------------------------------------------------------------
-# 9. Writing files, preview, benchmark and the command line.
-# safetensors is a simple format (8-byte header length, a JSON header, raw little-endian bytes), so the
-# generator writes it itself and stays numpy-only; data.py reads it back with the safetensors library.
+# 9. Files, tokenizer, preview, benchmark and the command line.
+# safetensors is a simple format (8-byte header length, a JSON header, raw little-endian bytes). We write it
+# ourselves because safetensors.numpy.save lays the header and tensors out in another order, and a seed must keep
+# giving byte-identical files across versions. Reading back uses the library (read_safetensors), as data.py does.
 
 SAFETENSORS_DTYPES = {np.uint8: "U8", np.int16: "I16", np.float16: "F16", np.float32: "F32"}
 
@@ -1488,6 +1347,23 @@ def write_scene(out_dir, scene, rgb, depth, instance, K, poses):
                "instance": instance.astype(np.int16), "K": K.astype(np.float32), "pose": poses.astype(np.float32)}
     write_atomic(base + ".safetensors", safetensors_bytes(tensors, {"scene": scene["id"]}))
     write_atomic(base + ".json", (json.dumps(scene, indent=1) + "\n").encode())
+
+
+# Tokenizer: byte-level BPE trained on the QA text, with the chat's special tokens at ids 0..5 (data.py loads it)
+SPECIAL_TOKENS = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<image>"]
+
+
+def train_tokenizer(texts, path, vocab_size=2048):
+    """Train a byte-level BPE on `texts` and save it (atomically) as tokenizer.json at `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # only needed here
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
+    write_atomic(path, tokenizer.to_str(pretty=True).encode())  # the bytes tokenizer.save(path) would write
+    return tokenizer
 
 
 @dataclass
@@ -1542,15 +1418,12 @@ def scene_jobs(config):
 def generate(config):
     """The whole data set: scenes (in parallel), qa_{train,val}.jsonl, tokenizer.json, optional previews."""
     from tqdm import tqdm
-
     if not 1 <= config.views - config.random_views <= 32:
         raise SystemExit(f"--views={config.views} with --random_views={config.random_views}: the walk needs 1..32 frames")
     os.makedirs(os.path.join(config.out, "scenes"), exist_ok=True)
     jobs = scene_jobs(config)
     records = {"train": [], "val": []}
     if config.workers > 1:
-        import multiprocessing
-
         with multiprocessing.get_context("spawn").Pool(config.workers) as pool:
             results = list(tqdm(pool.imap(build_scene, jobs), total=len(jobs), desc="scenes"))
     else:
@@ -1561,8 +1434,6 @@ def generate(config):
         text = "".join(json.dumps(r) + "\n" for r in rows)
         write_atomic(os.path.join(config.out, f"qa_{split}.jsonl"), text.encode())
     if config.vocab_size:
-        from data import train_tokenizer  # tokenizers is only needed here, not for the data itself
-
         source = records["train"] or records["val"]  # the vocabulary is learnt from training text only
         texts = [r["question"] + "\n" + r["answer"] for r in source]
         train_tokenizer(texts, os.path.join(config.out, "tokenizer.json"), config.vocab_size)
@@ -1573,21 +1444,8 @@ def generate(config):
     return records
 
 
-def read_safetensors(path):
-    """The generator's own reader of the files it writes (data.py uses the safetensors library)."""
-    with open(path, "rb") as f:
-        blob = f.read()
-    size = struct.unpack("<Q", blob[:8])[0]
-    header = json.loads(blob[8:8 + size])
-    dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    return {key: np.frombuffer(blob[8 + size + spec["data_offsets"][0]:8 + size + spec["data_offsets"][1]],
-                               dtype=np.dtype(dtypes[spec["dtype"]]).newbyteorder("<")).reshape(spec["shape"])
-            for key, spec in header.items() if key != "__metadata__"}
-
-
 def draw_markers(image, markers, slot):
-    """Draw the markers that belong to image `slot` of a question: a dot with a dark rim at the point and the
-    object's visible box, in the marker's colour (grid coordinates 0-1000 -> pixels)."""
+    """Draw the markers of a question's image `slot`: a dark-rimmed dot at the point, and the visible box."""
     image = image.copy()
     height, width = image.shape[:2]
     v, u = np.mgrid[0:height, 0:width]
@@ -1606,11 +1464,9 @@ def draw_markers(image, markers, slot):
 
 
 def write_previews(out_dir, records, scenes):
-    """preview/<question id>.png (the question's images, markers drawn) and .txt (question and answer), for one
-    question of each task in the first `scenes` scenes, for a person to check."""
+    """preview/<id>.png (images, markers drawn) and .txt (question, answer): one question per task and scene."""
     os.makedirs(os.path.join(out_dir, "preview"), exist_ok=True)
-    chosen_scenes = list(dict.fromkeys(r["scene"] for r in records))[:scenes]
-    for scene_id in chosen_scenes:
+    for scene_id in list(dict.fromkeys(r["scene"] for r in records))[:scenes]:  # the first `scenes` scenes
         rgb = read_safetensors(os.path.join(out_dir, "scenes", scene_id + ".safetensors"))["rgb"]
         done = set()
         for record in (r for r in records if r["scene"] == scene_id and r["task"] not in done):
@@ -1628,7 +1484,7 @@ def write_previews(out_dir, records, scenes):
 
 
 def bench(res=224, objects=30, frames=50):
-    """Renderer throughput on one core at res x res with `objects` primitives, and full-scene generation time."""
+    """Renderer throughput on one core at res x res with `objects` primitives (bench.py calls this too)."""
     rng = np.random.default_rng(0)
     scene = sample_scene(rng, "bench", objects, objects)
     K, poses = sample_cameras(rng, scene, frames, 0, res)
@@ -1645,29 +1501,42 @@ def bench(res=224, objects=30, frames=50):
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-def parse_args(argv, config):
-    """--key=value overrides of a dataclass config (bare --flag sets a bool or int field to true / 1).
-    Bools are true|false|1|0|yes|no and nothing else: a misspelt --resume=ture must not mean false."""
-    kinds = {f.name: f.type for f in fields(config)}
+def parse_args(argv, config, sections=None):
+    """--key=value overrides of the dataclass `config`, set in place; returns `config`. Typed by the field: bools
+    are true|false|1|0|yes|no only (a misspelt --resume=ture must not mean false), a bare --flag is a true bool or
+    int 1, an empty value is an error unless a str. sections {name: dataclass}: --name.key=value sets that section's
+    field in place (callers read and re-validate their own section objects, e.g. with dataclasses.replace).
+    --help or -h prints every option with its value and the # comment in the dataclass source, and exits."""
+    sections = sections or {}
+    if "--help" in argv or "-h" in argv:
+        for prefix, cfg in [("", config)] + [(name + ".", section) for name, section in sections.items()]:
+            comments = dict(re.findall(r"^\s*(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(type(cfg)), re.M))
+            for f in fields(cfg):
+                print(f"  {f'--{prefix}{f.name}={getattr(cfg, f.name)}':<32} {comments.get(f.name, '')}".rstrip())
+        raise SystemExit(0)
+    options = " ".join([f"--{f.name}" for f in fields(config)] + [f"--{name}.*" for name in sections])
     for arg in argv:
         key, equals, value = arg.lstrip("-").partition("=")
-        key = key.replace("-", "_")
+        section, dot, key = key.replace("-", "_").rpartition(".")
+        target = sections.get(section) if dot else config
+        kinds = {f.name: f.type for f in fields(target)} if target is not None else {}
         if not arg.startswith("--") or key not in kinds:
-            raise SystemExit(f"unknown argument {arg!r}; options: " + " ".join(f"--{k}" for k in kinds))
-        kind = kinds[key]
+            valid = " ".join(f"--{section}.{k}" for k in kinds) if kinds and dot else options
+            raise SystemExit(f"unknown argument {arg!r}; options: {valid}")
+        flag, kind = f"--{section}{dot}{key}", kinds[key]
         if not equals and kind in (bool, int):
-            setattr(config, key, True if kind is bool else 1)
+            setattr(target, key, True if kind is bool else 1)
         elif kind is bool:
             if value.lower() not in BOOLS:
-                raise SystemExit(f"--{key}: expected true or false, got {value!r}")
-            setattr(config, key, BOOLS[value.lower()])
+                raise SystemExit(f"{flag}: expected true or false, got {value!r}")
+            setattr(target, key, BOOLS[value.lower()])
         elif value == "" and kind is not str:
-            raise SystemExit(f"--{key}: expected {kind.__name__}, got nothing")
+            raise SystemExit(f"{flag}: expected {kind.__name__}, got nothing")
         else:
             try:
-                setattr(config, key, kind(value))
+                setattr(target, key, kind(value))
             except ValueError:
-                raise SystemExit(f"--{key}: expected {kind.__name__}, got {value!r}") from None
+                raise SystemExit(f"{flag}: expected {kind.__name__}, got {value!r}") from None
     return config
 
 

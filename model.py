@@ -11,15 +11,8 @@ Reading order:
   geo_loss     the stage-`geo` objective
   param_count, flops_per_sample   for MFU
 
-Entry points used by the other files:
-  GeoConfig.tiny() / GeoConfig.reference()
-  GeoBackbone(config)(images, context=None) -> dict; images (B, V, 3, H, W) in [0, 1], view 0 = the reference
-      "tokens"    (B, V, N, D)  last-layer patch tokens: the "geo" feature field that PSFM predicts
-      "log_depth" (B, V, H, W)  metric depth in log space ("depth" = its exp, metres)
-      "pose"      (B, V, 4, 4)  camera-to-view-0 (OpenCV axes, metres); view 0 is exactly the identity
-      "log_focal" (B, V, 2)     log(fx / W), log(fy / H);  "K" (B, V, 3, 3) the intrinsics they give
-  geo_loss(pred, batch) -> (total, {term: detached scalar})    batch as in the PSFM batch format
-  param_count(model), flops_per_sample(config, num_views)
+GeoBackbone(config)(images) returns per view "tokens" (B, V, N, D), the "geo" feature field PSFM predicts,
+"log_depth", "pose" (camera-to-view-0, view 0 exactly the identity), "log_focal" and "K"; see its forward.
 
 Conventions: pixel (u, v) covers [u, u + 1) x [v, v + 1), so its centre is (u + 0.5, v + 0.5) and a centred
 camera has cx = W / 2. Everything runs in fp32 on CPU; on CUDA train.py wraps calls in bf16 autocast, and the
@@ -288,6 +281,9 @@ class GeoBackbone(nn.Module):
         return self.norm(x)
 
     def forward(self, images, context=None):
+        """images (B, V, 3, H, W) in [0, 1], view 0 the reference -> {"tokens" (B, V, N, D) last-layer patch
+        tokens, "log_depth" (B, V, H, W) metric, "pose" (B, V, 4, 4) camera-to-view-0 (OpenCV axes, metres),
+        "log_focal" (B, V, 2) log(fx / W), log(fy / H), "K" (B, V, 3, 3) the intrinsics they give}."""
         c = self.config
         x = self.aggregate(images, context)  # checks images first
         B, V, _, H, W = images.shape

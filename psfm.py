@@ -11,18 +11,7 @@ shows how much geometry the latent holds without shaping it.
 Reading order: Spa3RConfig, view masking, camera rays (Plücker) and PRoPE, Spa3REncoder, FieldDecoder,
 targets and losses, PSFM, flops_per_sample.
 
-Entry points used by the other files:
-  Spa3RConfig.tiny() / Spa3RConfig.reference()
-  PSFM(config, backbone)                 backbone = a trained model.GeoBackbone; it is frozen here
-  PSFM.forward(batch, generator=None) -> (loss, {term: detached scalar})   train.py's stage `psfm`
-      optimise only [p for p in psfm.parameters() if p.requires_grad]
-  PSFM.losses(batch, generator=None) -> {term: scalar with grad}            the same terms, undetached
-  PSFM.encode(images) -> latent (B, L, D)   images (B, V, 3, H, W) in [0, 1], unposed, all views context:
-      the single entry point vlm.py uses
-  PSFM.decode(latent, K, pose, image_hw) -> (B, V, N, D) the field along each patch's ray; K (B, V, 3, 3)
-      pixel intrinsics, pose (B, V, 4, 4) camera-to-view-0
-  flops_per_sample(config, geo_config, num_views)
-
+vlm.py calls PSFM.encode(images), the single entry point: unposed views in, latent (B, L, D) out.
 batch is the PSFM batch of data.py: images (B, V, 3, H, W) in [0, 1], depth (B, V, H, W) metres (0 = invalid),
 K (B, V, 3, 3), pose (B, V, 4, 4) camera-to-world OpenCV, semantic (B, V, H, W) int64 (-1 = ignore).
 """
@@ -305,13 +294,14 @@ class PSFM(nn.Module):
                 rays, prope = camera_rays(K, uv), self.decoder.prope(*prope_matrices(K, pose, H, W), (H // p, W // p))
         return self.decoder(latent, rays, prope)
 
-    def context_pass(self, batch, generator=None):
+    def context_pass(self, batch):
         """The frozen backbone over all views (context views see only context views), the latent of the context
-        views, and the query cameras of every view -> (context (B, V) bool, targets (B, V, N, Dg), latent, K, pose)."""
+        views, and the query cameras of every view -> (context (B, V) bool, targets (B, V, N, Dg), latent, K, pose).
+        The context views are the batch's own (data.SceneViewsDataset draws them with each sample), else random."""
         c = self.config
         images = batch["images"]
         B, V = images.shape[:2]
-        context = sample_context(B, V, c.mask_ratio, generator).to(images.device)
+        context = batch["context"] if "context" in batch else sample_context(B, V, c.mask_ratio).to(images.device)
         with torch.no_grad():  # one pass: context views see only context views, masked views see all
             geo = self.backbone(images, context)
         targets = geo["tokens"]  # (B, V, N, Dg)
@@ -322,13 +312,13 @@ class PSFM(nn.Module):
             K, pose = geo["K"], geo["pose"]
         return context, targets, latent, K, pose
 
-    def losses(self, batch, generator=None):
-        """{term: scalar}: geo/l1, geo/cos, sem/l1, sem/cos, depth_probe. generator (CPU) drives the masking."""
+    def losses(self, batch):
+        """{term: scalar}: geo/l1, geo/cos, sem/l1, sem/cos, depth_probe."""
         c = self.config
         check_batch(batch, ["depth", "K", "pose", "semantic"])
         H, W = batch["images"].shape[-2:]
         p = self.backbone.config.patch_size
-        context, targets, latent, K, pose = self.context_pass(batch, generator)
+        context, targets, latent, K, pose = self.context_pass(batch)
         field = self.decode(latent, K, pose, (H, W))  # (B, V, N, D)
         sem, sem_valid = semantic_field(batch["semantic"], p, c.num_classes)
         log_depth, depth_valid = patch_log_depth(batch["depth"], p)
@@ -339,8 +329,8 @@ class PSFM(nn.Module):
         terms["depth_probe"] = masked_mean(F.smooth_l1_loss(probe, log_depth, reduction="none"), depth_valid)
         return terms
 
-    def forward(self, batch, generator=None):
-        terms = self.losses(batch, generator)
+    def forward(self, batch):
+        terms = self.losses(batch)
         return sum(terms.values()), {k: v.detach() for k, v in terms.items()}
 
 

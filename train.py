@@ -4,44 +4,20 @@
     psfm  psfm.PSFM: the Spa3R encoder + field decoder on the frozen backbone           -> out/psfm  (reads out/geo)
     vlm   vlm.SpaVLM answers the QA records with the Spa3R latent (frozen) inside      -> out/vlm   (reads out/psfm)
 
-Usage:
     python train.py                                     # all three stages in order; the data is generated if absent
     python train.py --stage=geo --steps=500 --geo.dim=96
     torchrun --standalone --nproc_per_node=8 train.py   # the same on 8 GPUs (DDP over NCCL; gloo on CPU)
     python train.py --stage=vlm --spa3r=none --out=out/vlm_none   # the baseline VLM for the ablation
-    python train.py --resume                            # continue every stage from where its checkpoint stopped
+    python train.py --help                              # every flag with its default
 
-Every TrainConfig field is a --key=value flag; model sizes are --geo.*, --psfm.*, --lm.* and --vlm.* (fields of
-GeoConfig, Spa3RConfig, LMConfig, VLMConfig). --preset=tiny|reference picks the sizes and the defaults below
-(left empty: reference on CUDA, tiny elsewhere). A part started from an earlier stage takes its config from that
-checkpoint's config.json: psfm's backbone from out/geo, vlm's vision ViT and Spa3R from out/psfm.
-Multi-node: torchrun's own flags (--nnodes, --node_rank, --rdzv_endpoint), with --out on a shared filesystem and
-the data present on every node.
-
-A step is the same whatever the world size. The training samples form one stream: epoch e is a permutation of
-the data seeded by (seed, e), the epochs one after another. Step s takes the next batch_size positions; each rank
-reads micro-batches of micro_batch consecutive positions of them, accumulates gradients (DDP's no_sync on all but
-the last micro-step) and scales each micro-batch's mean loss by its weight (samples; answer tokens for vlm) over
-the step's total weight, so the summed gradient is that of the whole global batch in one process (for geo and
-psfm exactly so when samples have equal counts of valid pixels, as generated scenes do: their losses average
-pixels within a micro-batch). All per-sample randomness (view subsets, PSFM's view masking) comes from the
-sample's position, never from the rank, and the data cursor of a checkpoint is just its step.
-
-Checkpoints (out/<stage>: model.safetensors, config.json, optimizer.safetensors, train_state.json) are written
-whole or not at all (a staging folder renamed into place), every save_every steps, at the end, and on SIGTERM
-(what schedulers and torchrun send before a kill) at the next log step. --resume continues where a checkpoint
-left off: bit for bit on CPU (GPU kernels need not be deterministic).
-
-Gates: at every validation (every eval_every steps and at the end) rank 0 also measures the stage against its
-trivial baseline on held-out samples -- geo against the identity pose and the per-pixel mean depth, psfm against
-the cameras of another sample, the mean token and (by linear probes) a random encoder, the VLM against another
-scene's images and latent -- and logs each as a PASS / FAIL line (paired bootstrap 95 % interval) and a "gates"
-record in metrics.jsonl, which speedrun.sh's report prints.
-
-Reading order: TrainConfig and presets; processes and devices; the sample stream; the three stages (model, data,
-loss, FLOPs); optimizer and schedule; checkpoints; logging; validation; gates; the loop; main.
+A step is the same whatever the world size: the training samples form one stream (epoch e is a permutation
+seeded by (seed, e)); step s takes the next batch_size positions, each rank reads micro-batches of them and
+weights each micro-batch's mean loss by its share of the step (samples; answer tokens for vlm), so the summed
+gradient is that of the whole batch in one process. Every random choice of a sample (views, PSFM's view mask)
+comes from its position, so a checkpoint's data cursor is just its step. Checkpoints are written whole or not at
+all, every save_every steps, at the end and on SIGTERM; --resume continues bit for bit on CPU. At every
+validation rank 0 also measures the stage against its trivial baseline on held-out samples (the gates).
 """
-import base64
 import errno
 import json
 import math
@@ -50,11 +26,10 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from functools import lru_cache, partial
 
@@ -62,14 +37,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
 import vlm
-from data import read_json
-from generate_spar import TASKS, GenConfig, generate, parse_args, write_atomic
 from eval import paired_bootstrap
+from generate_spar import TASKS, GenConfig, generate, parse_args
 from model import GeoBackbone, GeoConfig, geo_loss, init_weights, relative_to_view0
 from model import flops_per_sample as geo_flops_per_sample
 from psfm import PSFM, Spa3RConfig, Spa3REncoder, patch_log_depth
@@ -84,21 +58,20 @@ STAGES = ("geo", "psfm", "vlm")
 class TrainConfig:
     stage: str = ""             # geo | psfm | vlm; empty: all three in order, each from the one before
     preset: str = ""            # tiny | reference: model, data and the defaults below; empty: reference on CUDA
-    data: str = ""              # data directory, generated if absent; empty: data/spar, or data/spar_tiny (tiny)
+    data: str = ""              # data directory, generated if absent or empty; empty: data/spar(_tiny)
     out: str = ""               # checkpoint directory; empty: out/<stage>; without --stage: the parent of the three
     resume: bool = False        # continue from the checkpoint in --out (a fresh start when there is none yet)
     overwrite: bool = False     # start over in an --out that holds a checkpoint (refused without this or --resume)
     init_geo: str = ""          # psfm, and vlm with --spa3r=none: the geo checkpoint; empty: out/geo; "none": random
     init_spa3r: str = ""        # vlm: the psfm checkpoint (Spa3R and the vision ViT's start); empty: out/psfm
-    spa3r: str = "psfm"         # vlm: "psfm" = Spa3-VLM; "none" = the baseline VLM without the spatial branch;
-                                # "oracle" = the adapter reads true 3D tokens (the ablation's upper bound)
+    spa3r: str = "psfm"         # vlm: psfm = Spa3-VLM; none = the baseline without the spatial branch; oracle = true 3D
     steps: int = 600            # optimizer steps
     batch_size: int = 8         # global batch (samples per optimizer step), the same for any number of processes
     micro_batch: int = 0        # samples per forward pass on each rank; 0 = batch_size / world size (no accumulation)
     num_views: int = 4          # geo, psfm: views per sample (view 0 is the reference)
     samples_per_scene: int = 1  # geo, psfm: samples (view subsets) per scene in an epoch
     tasks: str = ""             # vlm: train on these tasks only (comma-separated; empty: all)
-    view_sampling: str = "near"  # geo, psfm: "near" = views near a random view 0 (they overlap); "random" = any
+    view_sampling: str = "near"  # geo, psfm: near = views near a random view 0 (they overlap); random = any
     lr: float = 2e-3            # geo, psfm: peak learning rate
     lr_lm: float = 2e-3         # vlm: per-module peak learning rates
     lr_vision: float = 5e-4
@@ -115,15 +88,14 @@ class TrainConfig:
     compile: bool = False       # torch.compile the model
     workers: int = 0            # DataLoader worker processes per rank
     log_every: int = 10
-    eval_every: int = 200       # validation loss on held-out scenes every this many steps and at the end (0: never)
+    eval_every: int = 200       # validation and gates every this many steps and at the end (0: never)
     eval_samples: int = 32      # held-out samples of the validation loss and the gates
     probe_samples: int = 256    # psfm gates: training samples the linear probes are fitted on
     save_every: int = 200       # checkpoint every this many steps and at the end
 
 
 # What differs from TrainConfig's defaults by preset and stage; command-line flags override both.
-# tiny: the whole chain in minutes on a CPU. reference: about 9e18 training FLOP by the models' flops functions,
-# roughly an hour on 8 H100s at 30 % MFU -- an estimate, not yet measured on a GPU.
+# reference: about 9e18 training FLOP by the models' flops functions, roughly an hour on 8 H100s at 30 % MFU.
 PRESET_DEFAULTS = {
     ("tiny", "geo"): dict(),
     ("tiny", "psfm"): dict(),
@@ -137,56 +109,31 @@ PRESET_DEFAULTS = {
                                lr_adapter=1e-3, lr_spa3r=1e-4, warmup=500, weight_decay=0.1, workers=4, log_every=20,
                                eval_every=1000, eval_samples=512, save_every=1000),
 }
-# The data generated when --data is absent (generate_spar.GenConfig fields)
-DATA_DEFAULTS = {
+DATA_DEFAULTS = {  # the data generated when --data is absent (GenConfig fields)
     "tiny": dict(out="data/spar_tiny", scenes=64, val_scenes=8, views=12, random_views=4, res=32),
     "reference": dict(out="data/spar", scenes=1024, val_scenes=64, res=224),  # ~7.5 GB
 }
-MODEL_SECTIONS = ("geo", "psfm", "lm", "vlm")  # --geo.dim=96 etc.
+MODEL_CONFIGS = {"geo": GeoConfig, "psfm": Spa3RConfig, "lm": vlm.LMConfig, "vlm": vlm.VLMConfig}  # --geo.dim=96
 
 
-def split_arguments(argv):
-    """argv -> (TrainConfig flags, {section: [--key=value of that model config]})."""
-    flat, sections = [], {name: [] for name in MODEL_SECTIONS}
-    for arg in argv:
-        head, dot, rest = arg.partition(".")
-        if dot and "=" not in head:
-            section = head.lstrip("-")
-            if section not in sections:
-                known = ", ".join(f"--{s}.*" for s in sections)
-                raise SystemExit(f"unknown argument {arg!r}: model configs are {known}")
-            sections[section].append("--" + rest)
-        else:
-            flat.append(arg)
-    return flat, sections
-
-
-def with_overrides(config, args, section):
-    """A model config with --section.key=value overrides (typed by generate_spar.parse_args), validated again."""
-    nested = {f.name for f in fields(config) if is_dataclass(getattr(config, f.name))}
-    for arg in args:
-        if arg[2:].partition("=")[0] in nested:
-            raise SystemExit(f"--{section}.{arg[2:]}: set its fields as --{arg[2:].partition('=')[0]}.<field>")
+def stage_config(argv, stage, preset, all_stages):
+    """(TrainConfig, {section: model config}) of one stage: defaults, then the preset's, then the command line."""
+    cfg = TrainConfig(**PRESET_DEFAULTS[preset, stage])
+    models = {name: cls.reference() if preset == "reference" else cls.tiny() for name, cls in MODEL_CONFIGS.items()}
+    parse_args(argv, cfg, models)
     try:
-        parse_args(args, config)
-    except SystemExit as error:
-        raise SystemExit(f"--{section}.*: {error}") from None
-    return replace(config)  # replace() runs __post_init__, so a bad value is refused by the config itself
-
-
-def stage_config(flat_args, stage, preset, all_stages):
-    """TrainConfig of one stage: TrainConfig defaults, then the preset's, then the command line; paths resolved."""
-    cfg = parse_args(flat_args, TrainConfig(**PRESET_DEFAULTS[preset, stage]))
+        models = {name: replace(config) for name, config in models.items()}  # each config checks itself again
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     root = (cfg.out or "out") if all_stages else "out"
     cfg.stage, cfg.preset = stage, preset
     cfg.out = os.path.join(root, stage) if all_stages else (cfg.out or os.path.join("out", stage))
     cfg.data = cfg.data or DATA_DEFAULTS[preset]["out"]
     cfg.init_geo = cfg.init_geo or os.path.join(root, "geo")
     cfg.init_spa3r = cfg.init_spa3r or os.path.join(root, "psfm")
-    if cfg.view_sampling not in ("near", "random"):
-        raise SystemExit(f"--view_sampling must be 'near' or 'random', got {cfg.view_sampling!r}")
-    if cfg.spa3r not in ("psfm", "none", "oracle"):
-        raise SystemExit(f"--spa3r must be 'psfm', 'none' or 'oracle', got {cfg.spa3r!r}")
+    for name, allowed in (("view_sampling", ("near", "random")), ("spa3r", ("psfm", "none", "oracle"))):
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     for name in ("steps", "batch_size", "log_every", "save_every", "num_views") + (("eval_samples",) if cfg.eval_every else ()):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -195,28 +142,25 @@ def stage_config(flat_args, stage, preset, all_stages):
     for name in ("out", "data"):
         if os.path.exists(getattr(cfg, name)) and not os.path.isdir(getattr(cfg, name)):
             raise SystemExit(f"--{name}={getattr(cfg, name)} is a file, not a folder")
-    return cfg
+    return cfg, models
 
 
-# ----------------------------------------------------------------------------- processes and devices
+# ----------------------------------------------------------------------------- processes, devices, data
 
 def setup_processes(device_name):
     """RANK / LOCAL_RANK / WORLD_SIZE from torchrun's environment (absent: one process) -> (rank, world, device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not device_name:  # MPS only for one process: DDP has no MPS backend
-        mps = torch.backends.mps.is_available() and world == 1
-        device_name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+        device_name = data.best_device() if world == 1 else "cuda" if torch.cuda.is_available() else "cpu"
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if not available.get(device_name.split(":")[0]):
-        known = "" if device_name in available else " (cuda, mps or cpu)"
-        raise SystemExit(f"--device={device_name}: not available on this machine{known}")
+    if not available.get(device_name):
+        raise SystemExit(f"--device={device_name}: not available on this machine (cuda, mps or cpu)")
     device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # the fp32 parts
-    if world > 1:
-        # long timeout: rank 0 may be generating data or writing a checkpoint while the others wait
+    if world > 1:  # long timeout: rank 0 may be generating data or writing a checkpoint while the others wait
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30),
                                 device_id=device if device.type == "cuda" else None)
     return rank, world, device
@@ -248,9 +192,8 @@ def ignore_sigterm(worker_id):
 
 
 def ensure_data(data_dir, preset, stages, rank, world):
-    """Generate the preset's default data set into data_dir if that folder does not exist or is empty (rank 0;
-    the others wait). Anything else must be a whole data set: generating into it could overwrite scans or data
-    made with other options, so a missing piece is an error that says which command makes it."""
+    """Generate the preset's data set into data_dir if that folder does not exist or is empty (rank 0; the others
+    wait). Anything else must be a whole data set: generating into it could overwrite scans or other data."""
     if rank == 0 and (not os.path.isdir(data_dir) or not os.listdir(data_dir)):
         print(f"train.py: no data set in {data_dir}: generating the {preset} one", flush=True)
         config = GenConfig(**{**DATA_DEFAULTS[preset], "out": data_dir})  # GenConfig's seed: one data set for every run
@@ -273,19 +216,9 @@ def epoch_permutation(num_samples, seed, epoch):
     return torch.randperm(num_samples, generator=generator).tolist()
 
 
-def stream_sample(position, num_samples, seed):
-    """Position in the sample stream -> (epoch, sample index): epochs are seeded permutations, one after another."""
-    epoch, i = divmod(position, num_samples)
-    return epoch, epoch_permutation(num_samples, seed, epoch)[i]
-
-
-def micro_offset(k, rank, world, micro_batch):
-    """Where micro-step k of `rank` starts within its step's global batch."""
-    return (k * world + rank) * micro_batch
-
-
 class RankBatches:
-    """DataLoader batch_sampler: this rank's micro-batches, as (epoch, index) lists, for steps start..stop-1."""
+    """DataLoader batch_sampler: this rank's micro-batches for steps start..stop-1, as lists of (epoch, index).
+    Micro-step k of a rank reads positions (k * world + rank) * micro_batch onwards of its step's global batch."""
 
     def __init__(self, num_samples, batch_size, micro_batch, rank, world, seed, start, stop):
         self.n, self.B, self.m, self.seed = num_samples, batch_size, micro_batch, seed
@@ -298,8 +231,9 @@ class RankBatches:
     def __iter__(self):
         for step in range(self.start, self.stop):
             for k in range(self.accum):
-                first = step * self.B + micro_offset(k, self.rank, self.world, self.m)
-                yield [stream_sample(p, self.n, self.seed) for p in range(first, first + self.m)]
+                first = step * self.B + (k * self.world + self.rank) * self.m
+                yield [(p // self.n, epoch_permutation(self.n, self.seed, p // self.n)[p % self.n])
+                       for p in range(first, first + self.m)]
 
 
 class EpochItems(torch.utils.data.Dataset):
@@ -318,64 +252,93 @@ class EpochItems(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def masking_generator(seed, step, offset, num_views, validation=False):
-    """The CPU generator PSFM draws its view masks from, for a micro-batch starting at `offset` in its step.
-    sample_context draws one row of num_views - 1 uniforms per sample, in order, so skipping `offset` rows
-    gives every sample the row it gets when the whole batch runs in one process."""
-    generator = torch.Generator().manual_seed(data.hash_seed(seed, int(validation), step))
-    torch.rand(offset, max(num_views - 1, 0), generator=generator)
-    return generator
-
-
 # ----------------------------------------------------------------------------- the three stages
+# A stage is its model and data plus the few functions in which stages differ; the loop never asks which it is.
 
 @dataclass
 class Stage:
     name: str
     model: nn.Module        # the plain module: what is trained, validated and saved
-    config: object          # GeoConfig (geo), (GeoConfig, Spa3RConfig) (psfm), VLMConfig (vlm)
+    config: dict            # config.json: what later stages and eval.py build the model from
     groups: list            # AdamW parameter groups, each with its own peak "lr"
     train_set: torch.utils.data.Dataset
     val_set: torch.utils.data.Dataset
     collate: object
+    files: dict = None      # extra files of the checkpoint {name: text} (vlm: tokenizer.json)
+    loss: object = None     # the functions of stage_functions
+    weight: object = None
+    flops: object = None
+    gates: object = None
+    tokens: object = lambda batch: 0
 
 
-def decay_groups(module, lr, weight_decay):
-    """Trainable matrices decay, gains and biases do not (as nanoGPT)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    return [{"name": "decay", "params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": weight_decay},
-            {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0}]
+def param_groups(model, cfg):
+    """AdamW groups: trainable matrices decay, gains and biases do not (as nanoGPT); the VLM's per module."""
+    if isinstance(model, vlm.SpaVLM):
+        lrs = {"lm": cfg.lr_lm, "vision": cfg.lr_vision, "projector": cfg.lr_projector, "adapter": cfg.lr_adapter,
+               "spa3r": cfg.lr_spa3r}
+        return model.param_groups(lrs, cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"name": "decay", "params": [p for p in params if p.dim() >= 2], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+            {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0.0}]
 
 
-def preset_config(cls, preset, args, section):
-    return with_overrides(cls.reference() if preset == "reference" else cls.tiny(), args, section)
+def stage_functions(name, model, cfg):
+    """What the loop asks of a stage: loss(model, batch) -> (loss, {term: detached}) (model may be the DDP
+    wrapper), weight(batch) (what a micro-batch's mean loss counts in its step), flops(batch) of a training
+    step, tokens(batch) the LM reads, gates(stage, cfg, run) -> gate rows."""
+    count = lambda batch: len(batch["images"])  # noqa: E731
+    if name == "geo":
+        return dict(loss=lambda m, batch: geo_loss(m(batch["images"]), batch), weight=count,
+                    flops=lambda batch: count(batch) * 3 * geo_flops_per_sample(model.config, cfg.num_views),
+                    gates=lambda stage, cfg, run: geo_gates(stage.model, gate_batches(stage, stage.val_set, cfg, run)))
+    if name == "psfm":  # the frozen backbone runs forward only
+        per_sample = (geo_flops_per_sample(model.backbone.config, cfg.num_views)
+                      + 3 * psfm_flops_per_sample(model.config, model.backbone.config, cfg.num_views))
+        return dict(loss=lambda m, batch: m(batch), weight=count, flops=lambda batch: count(batch) * per_sample,
+                    gates=psfm_stage_gates)
+    per_image = vlm.tokens_per_image(model.config, model.config.geo.image_size, model.config.geo.image_size)
+
+    def flops(batch):
+        lengths = (batch["input_ids"] != vlm.PAD).sum(1).tolist()
+        return sum(vlm.flops_per_sample(model.config, n, t - n * per_image, training=True)
+                   for n, t in zip(batch["num_images"].tolist(), lengths))
+    return dict(loss=lambda m, batch: m(batch), weight=lambda batch: int((batch["targets"] != vlm.IGNORE).sum()),
+                flops=flops, tokens=lambda batch: int((batch["input_ids"] != vlm.PAD).sum()),
+                gates=lambda stage, cfg, run: vlm_gates(stage.model, gate_batches(stage, stage.val_set, cfg, run, spread=True)))
 
 
-def build_geo(cfg, model_args):
-    config = preset_config(GeoConfig, cfg.preset, model_args["geo"], "geo")
-    torch.manual_seed(cfg.seed)
-    model = GeoBackbone(config)
-    return Stage("geo", model, config, decay_groups(model, cfg.lr, cfg.weight_decay),
-                 *view_datasets(cfg, config.image_size), data.collate_views)
+def load_geo(folder):
+    return data.load_checkpoint(folder, lambda c: GeoBackbone(GeoConfig(**c)))
 
 
-def build_psfm(cfg, model_args):
-    geo_config, state = load_geo_checkpoint(cfg.init_geo)
-    config = preset_config(Spa3RConfig, cfg.preset, model_args["psfm"], "psfm")
-    torch.manual_seed(cfg.seed)
-    backbone = GeoBackbone(geo_config)
-    backbone.load_state_dict(state)
-    model = PSFM(config, backbone)  # freezes the backbone
-    return Stage("psfm", model, (geo_config, config), decay_groups(model, cfg.lr, cfg.weight_decay),
-                 *view_datasets(cfg, geo_config.image_size), data.collate_views)
+def load_psfm(folder):
+    return data.load_checkpoint(folder, lambda c: PSFM(Spa3RConfig(**c["psfm"]), GeoBackbone(GeoConfig(**c["geo"]))))
 
 
-def view_datasets(cfg, res):
+def view_datasets(cfg, res, mask_ratio=None):
     def views(split, samples_per_scene):
-        return data.SceneViewsDataset(cfg.data, split, cfg.num_views, res, cfg.seed, samples_per_scene, cfg.view_sampling)
+        return data.SceneViewsDataset(cfg.data, split, cfg.num_views, res, cfg.seed, samples_per_scene,
+                                      cfg.view_sampling, mask_ratio)
     val = views("val", 1)
     val.samples_per_scene = max(1, math.ceil(cfg.eval_samples / len(val.ids)))  # distinct view sets, no repeats
     return views("train", cfg.samples_per_scene), val
+
+
+def build_geo(cfg, models):
+    torch.manual_seed(cfg.seed)
+    model = GeoBackbone(models["geo"])
+    return Stage("geo", model, asdict(model.config), param_groups(model, cfg), *view_datasets(cfg, model.config.image_size),
+                 data.collate_views, **stage_functions("geo", model, cfg))
+
+
+def build_psfm(cfg, models):
+    backbone = load_geo(cfg.init_geo)
+    torch.manual_seed(cfg.seed)
+    model = PSFM(models["psfm"], backbone)  # freezes the backbone
+    return Stage("psfm", model, {"geo": asdict(backbone.config), "psfm": asdict(model.config)}, param_groups(model, cfg),
+                 *view_datasets(cfg, backbone.config.image_size, model.config.mask_ratio), data.collate_views,
+                 **stage_functions("psfm", model, cfg))
 
 
 def task_list(tasks):
@@ -387,77 +350,38 @@ def task_list(tasks):
     return names
 
 
-def build_vlm(cfg, model_args):
-    if any(arg.startswith("--spa3r") for arg in model_args["vlm"]):
-        raise SystemExit("--vlm.spa3r: use --spa3r=psfm|none (it also decides which checkpoint the VLM starts from)")
+def build_vlm(cfg, models):
     tokenizer = data.load_tokenizer(os.path.join(cfg.data, "tokenizer.json"))
-    if cfg.spa3r == "psfm":  # the vision ViT and Spa3R both come from the psfm checkpoint
-        geo_config, psfm_config, state = load_psfm_checkpoint(cfg.init_spa3r)
+    start = None  # where the vision ViT (and Spa3R) start: the psfm checkpoint, else the geo backbone
+    if cfg.spa3r == "psfm":
+        start = load_psfm(cfg.init_spa3r)
+        geo_config, psfm_config = start.backbone.config, start.config
     elif cfg.init_geo != "none":  # the baseline keeps the same vision ViT start, from the geo backbone
-        geo_config, geo_state = load_geo_checkpoint(cfg.init_geo)
-        state = {"backbone." + k: v for k, v in geo_state.items()}
+        start = load_geo(cfg.init_geo)
+        geo_config, psfm_config = start.config, models["psfm"]
     else:
-        geo_config, state = preset_config(GeoConfig, cfg.preset, model_args["geo"], "geo"), None
-    if cfg.spa3r != "psfm":  # unused without Spa3R, but VLMConfig (and config.json) holds one
-        psfm_config = preset_config(Spa3RConfig, cfg.preset, [], "psfm")
-    lm_config = preset_config(vlm.LMConfig, cfg.preset, model_args["lm"], "lm")
-    if not any(a.startswith("--vocab_size") for a in model_args["lm"]):  # the data's tokenizer, rounded up to 64s
+        geo_config, psfm_config = models["geo"], models["psfm"]
+    if models["vlm"].spa3r != "psfm":
+        raise SystemExit("--vlm.spa3r: use --spa3r=psfm|none|oracle (it also decides which checkpoint the VLM starts from)")
+    lm_config = models["lm"]
+    if lm_config.vocab_size == MODEL_CONFIGS["lm"].tiny().vocab_size:  # the preset's: the data's tokenizer, in 64s
         lm_config = replace(lm_config, vocab_size=64 * math.ceil(tokenizer.get_vocab_size() / 64))
-    config = replace(vlm.VLMConfig(), lm=lm_config, geo=geo_config, psfm=psfm_config, spa3r=cfg.spa3r)
-    config = with_overrides(config, model_args["vlm"], "vlm")
+    config = replace(models["vlm"], lm=lm_config, geo=geo_config, psfm=psfm_config, spa3r=cfg.spa3r)
     torch.manual_seed(cfg.seed)
     model = vlm.SpaVLM(config, tokenizer)
-    if state is not None:
-        model.init_from_psfm(state)
+    if start is not None:
+        model.init_from_psfm({("backbone." if cfg.spa3r != "psfm" else "") + k: v for k, v in start.state_dict().items()})
     train_set, val_set = (data.QADataset(cfg.data, split, geo_config.image_size, oracle=cfg.spa3r == "oracle",
                                          tasks=task_list(cfg.tasks)) for split in ("train", "val"))
     collate = partial(vlm.collate, tokenizer=tokenizer, config=config)
     if cfg.spa3r == "psfm" and len(train_set):  # the adapter's fixed standardisation of the frozen latent
         picks = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))[:256].tolist()
         model.set_latent_statistics(collate([train_set[i] for i in picks[k:k + 32]]) for k in range(0, len(picks), 32))
-    lrs = {"lm": cfg.lr_lm, "vision": cfg.lr_vision, "projector": cfg.lr_projector, "adapter": cfg.lr_adapter,
-           "spa3r": cfg.lr_spa3r}
-    return Stage("vlm", model, config, model.param_groups(lrs, cfg.weight_decay), train_set, val_set, collate)
+    return Stage("vlm", model, asdict(config), param_groups(model, cfg), train_set, val_set, collate,
+                 files={"tokenizer.json": tokenizer.to_str()}, **stage_functions("vlm", model, cfg))
 
 
 BUILDERS = {"geo": build_geo, "psfm": build_psfm, "vlm": build_vlm}
-PAD = data.SPECIAL_TOKENS.index("<|pad|>")  # vlm.collate right-pads with it
-
-
-def stage_loss(stage, model, batch, generator):
-    """(loss, {term: detached}) of one micro-batch; model may be the DDP / compiled wrapper of stage.model."""
-    if stage.name == "geo":
-        return geo_loss(model(batch["images"]), batch)
-    if stage.name == "psfm":
-        return model(batch, generator)
-    return model(batch)
-
-
-def batch_weight(stage, batch):
-    """How much a micro-batch's mean loss counts in its step: samples, or answer tokens for vlm (whose loss is the
-    mean over all answer tokens of the global batch)."""
-    if stage.name == "vlm":
-        return int((batch["targets"] != vlm.IGNORE).sum())
-    return len(batch["images"])
-
-
-def batch_tokens(stage, batch):
-    """Tokens the LM reads (text and visual, not padding); 0 for geo and psfm."""
-    return int((batch["input_ids"] != PAD).sum()) if stage.name == "vlm" else 0
-
-
-def batch_flops(stage, batch, num_views):
-    """FLOPs of a training step on this micro-batch: forward + backward of trained parts, forward of frozen ones."""
-    if stage.name == "geo":
-        return len(batch["images"]) * 3 * geo_flops_per_sample(stage.config, num_views)
-    if stage.name == "psfm":
-        geo_config, config = stage.config
-        frozen_backbone = geo_flops_per_sample(geo_config, num_views)
-        return len(batch["images"]) * (frozen_backbone + 3 * psfm_flops_per_sample(config, geo_config, num_views))
-    per_image = vlm.tokens_per_image(stage.config, *batch["images"].shape[-2:])
-    lengths = (batch["input_ids"] != PAD).sum(1).tolist()
-    return sum(vlm.flops_per_sample(stage.config, n, t - n * per_image, training=True)
-               for n, t in zip(batch["num_images"].tolist(), lengths))
 
 
 def to_device(batch, device):
@@ -482,9 +406,9 @@ def lr_factor(step, cfg):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-# out/<stage>/: model.safetensors + config.json (what later stages and eval.py read), optimizer.safetensors
-# (AdamW's state, flattened as state.<param index>.<name>), train_state.json (step, RNG, data position, config).
-# Nothing is pickled: safetensors for tensors, JSON for the rest.
+# out/<stage>/: model.safetensors + config.json (what later stages and eval.py read), state.safetensors (AdamW's
+# state as state.<param index>.<name>, and the RNG), train_state.json (step, data position, config, the loss sums
+# not yet logged). Nothing is pickled.
 
 STAGING, COMMIT = ".staging", ".commit"
 
@@ -523,107 +447,48 @@ def finish_commit(out):
         os.rmdir(commit)
 
 
-def read_safetensors(path):
-    """{name: tensor} of a safetensors file. A missing, truncated or corrupt file is a one-line ValueError naming
-    the file and, when the header is intact, the first tensor whose bytes are missing."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: file not found")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        header_size = struct.unpack("<Q", head)[0] if len(head) == 8 else size
-        if 8 + header_size > size:
-            raise ValueError(f"{path}: truncated or not a safetensors file (header of {header_size} bytes, "
-                             f"file of {size})")
-        try:
-            header = json.loads(f.read(header_size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
-    for name, spec in header.items():
-        end = 8 + header_size + spec["data_offsets"][1] if name != "__metadata__" else 0
-        if end > size:
-            raise ValueError(f"{path}: truncated: tensor '{name}' needs bytes up to {end}, the file has {size}")
-    try:
-        return load_file(path)
-    except Exception as error:  # safetensors raises its own error type for anything else malformed
-        raise ValueError(f"{path}: unreadable safetensors file ({error})") from None
+def write_checkpoint(stage, optimizer, cfg, step, num_samples, device, unlogged, folder):
+    save_file({k: v.detach().cpu().contiguous() for k, v in stage.model.state_dict().items()},
+              os.path.join(folder, "model.safetensors"))
+    for name, text in {"config.json": json.dumps(stage.config, indent=1) + "\n", **(stage.files or {})}.items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    save_file(state_tensors(optimizer, device), os.path.join(folder, "state.safetensors"))
+    seen = step * cfg.batch_size
+    progress = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "unlogged": unlogged,
+                "data": {"samples_seen": seen, "epoch": seen // num_samples, "train_samples": num_samples}}
+    with open(os.path.join(folder, "train_state.json"), "w") as f:
+        f.write(json.dumps(progress, indent=1) + "\n")
 
 
-def check_tensors(tensors, shapes, path):
-    """tensors must hold exactly the names of shapes {name: shape}, each of that shape."""
-    missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
-    if missing:
-        raise ValueError(f"{path}: tensor '{missing[0]}' is missing ({len(missing)} missing)")
-    if extra:
-        raise ValueError(f"{path}: unexpected tensor '{extra[0]}' ({len(extra)} unexpected)")
-    for name, shape in shapes.items():
-        if tuple(tensors[name].shape) != tuple(shape):
-            raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
-                             f"the model needs {tuple(shape)}")
+def state_tensors(optimizer, device):
+    """AdamW's state as flat names state.<param index>.<exp_avg | exp_avg_sq | step>, and the RNG as rng.*."""
+    tensors = {f"state.{i}.{name}": torch.as_tensor(value).detach().cpu().contiguous()
+               for i, state in optimizer.state_dict()["state"].items() for name, value in state.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return tensors
 
 
-def load_weights(module, path):
-    state = read_safetensors(path)
-    check_tensors(state, {k: v.shape for k, v in module.state_dict().items()}, path)
-    module.load_state_dict(state)
-
-
-def config_from_dict(cls, values, path, section=""):
-    """A model config from its config.json dict; an unknown field or a refused value names the file and field."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: field '{section or cls.__name__}' must be an object")
-    known = {f.name for f in fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ValueError(f"{path}: unknown field '{section + '.' if section else ''}{key}'")
-    try:
-        return cls(**values)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
-
-
-def shapes_of(build):
-    """{name: shape} of the state a module would have, built on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        return {k: v.shape for k, v in build().state_dict().items()}
-
-
-def load_geo_checkpoint(folder):
-    """A stage-geo checkpoint -> (GeoConfig, checked state dict)."""
-    path = os.path.join(folder, "config.json")
-    config = config_from_dict(GeoConfig, read_json(path), path)
-    state = read_safetensors(os.path.join(folder, "model.safetensors"))
-    check_tensors(state, shapes_of(lambda: GeoBackbone(config)), os.path.join(folder, "model.safetensors"))
-    return config, state
-
-
-def load_psfm_checkpoint(folder):
-    """A stage-psfm checkpoint -> (GeoConfig, Spa3RConfig, checked PSFM state dict, frozen backbone included)."""
-    path = os.path.join(folder, "config.json")
-    saved = read_json(path)
-    geo_config = config_from_dict(GeoConfig, saved.get("geo"), path, "geo")
-    config = config_from_dict(Spa3RConfig, saved.get("psfm"), path, "psfm")
-    state = read_safetensors(os.path.join(folder, "model.safetensors"))
-    shapes = shapes_of(lambda: PSFM(config, GeoBackbone(geo_config)))
-    check_tensors(state, shapes, os.path.join(folder, "model.safetensors"))
-    return geo_config, config, state
-
-
-def write_model_files(stage, folder):
-    """model.safetensors + config.json (the VLM through vlm.save, which eval.py's load_for_eval reads)."""
-    if stage.name == "vlm":
-        vlm.save(stage.model, folder)
-        return
-    state = {k: v.detach().cpu().contiguous() for k, v in stage.model.state_dict().items()}
-    save_file(state, os.path.join(folder, "model.safetensors"))
-    write_atomic(os.path.join(folder, "config.json"), (json.dumps(model_config_dict(stage), indent=1) + "\n").encode())
-
-
-def write_checkpoint(stage, optimizer, cfg, step, num_samples, device, window, folder):
-    write_model_files(stage, folder)
-    save_file(optimizer_tensors(optimizer), os.path.join(folder, "optimizer.safetensors"))
-    state = json.dumps({**train_state(cfg, step, num_samples, device), "window": window}, indent=1) + "\n"
-    write_atomic(os.path.join(folder, "train_state.json"), state.encode())
+def load_state(optimizer, path, device):
+    """Inverse of state_tensors: AdamW's state (each moment's shape checked: AdamW itself would fail only at its
+    next step) and the RNG."""
+    tensors = data.read_weights(path)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    adamw = {}
+    for name, value in tensors.items():
+        kind, index, key = name.split(".", 2) if name.startswith("state.") else (name, "-1", "")
+        if kind != "state":
+            continue
+        if not 0 <= int(index) < len(params) or (key != "step" and value.shape != params[int(index)].shape):
+            raise ValueError(f"{path}: tensor '{name}' has shape {tuple(value.shape)}, the model needs "
+                             f"{tuple(params[int(index)].shape) if 0 <= int(index) < len(params) else 'no such parameter'}")
+        adamw.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": adamw, "param_groups": optimizer.state_dict()["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
 
 
 def check_finite_state(model, optimizer, when, out):
@@ -636,72 +501,61 @@ def check_finite_state(model, optimizer, when, out):
             raise ValueError(f"{when}: {name} is not finite; not saved, the previous checkpoint in {out} is kept")
 
 
-def model_config_dict(stage):
-    """config.json of geo and psfm: GeoConfig, or {"geo": GeoConfig, "psfm": Spa3RConfig} (vlm: VLMConfig)."""
-    if stage.name == "psfm":
-        return {"geo": asdict(stage.config[0]), "psfm": asdict(stage.config[1])}
-    return asdict(stage.config)
-
-
-def optimizer_tensors(optimizer):
-    """AdamW's state as flat names state.<param index>.<exp_avg | exp_avg_sq | step>."""
-    return {f"state.{i}.{name}": torch.as_tensor(value).detach().cpu().contiguous()
-            for i, state in optimizer.state_dict()["state"].items() for name, value in state.items()}
-
-
-def load_optimizer(optimizer, path):
-    tensors = read_safetensors(path)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    shapes = {}
-    for i, p in enumerate(params):
-        shapes.update({f"state.{i}.step": (), f"state.{i}.exp_avg": p.shape, f"state.{i}.exp_avg_sq": p.shape})
-    check_tensors(tensors, shapes, path)
-    state = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def encode_bytes(tensor):
-    return base64.b64encode(tensor.numpy().tobytes()).decode()
-
-
-def decode_bytes(text):
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-def train_state(cfg, step, num_samples, device):
-    """train_state.json: what, besides weights and AdamW, the loop needs to continue exactly."""
-    rng = {"torch": encode_bytes(torch.get_rng_state())}
-    if device.type == "cuda":
-        rng["cuda"] = encode_bytes(torch.cuda.get_rng_state(device))
-    seen = step * cfg.batch_size
-    return {"stage": cfg.stage, "step": step, "rng": rng, "config": asdict(cfg),
-            "data": {"samples_seen": seen, "epoch": seen // num_samples, "train_samples": num_samples}}
-
-
 SAME_ON_RESUME = ("batch_size", "seed", "num_views", "samples_per_scene", "view_sampling", "spa3r")  # the sample stream and the model
 
 
 def load_checkpoint(cfg, stage, optimizer, device):
     """Restore weights, AdamW and RNG from cfg.out -> train_state.json's contents (its "step" is where to continue)."""
     state_path = os.path.join(cfg.out, "train_state.json")
-    saved = read_json(state_path)
-    kinds = {"step": int, "config": dict, "rng": dict, "data": dict}
-    for name, kind in kinds.items():
+    saved = data.read_json(state_path)
+    for name, kind in {"step": int, "config": dict, "data": dict}.items():
         if not isinstance(saved.get(name), kind):
             raise ValueError(f"{state_path}: field '{name}' must be {kind.__name__}, got {saved.get(name)!r:.40}")
     for name in SAME_ON_RESUME:
         if saved["config"].get(name) != getattr(cfg, name):
             raise ValueError(f"{state_path}: field 'config.{name}' is {saved['config'].get(name)!r}, this run has "
                              f"{getattr(cfg, name)!r}: resume with the same value")
-    load_weights(stage.model, os.path.join(cfg.out, "model.safetensors"))
-    load_optimizer(optimizer, os.path.join(cfg.out, "optimizer.safetensors"))
-    torch.set_rng_state(decode_bytes(saved["rng"]["torch"]))
-    if device.type == "cuda" and "cuda" in saved["rng"]:
-        torch.cuda.set_rng_state(decode_bytes(saved["rng"]["cuda"]), device)
+    data.load_weights(stage.model, os.path.join(cfg.out, "model.safetensors"))
+    load_state(optimizer, os.path.join(cfg.out, "state.safetensors"), device)
     return saved
+
+
+@contextmanager
+def out_lock(out, rank):
+    """One training process per --out (two would overwrite each other's checkpoints): rank 0 holds out/train.lock,
+    which names its host and pid; a lock left by a process that is gone (kill -9) is taken over."""
+    if rank:
+        yield
+        return
+    os.makedirs(out, exist_ok=True)
+    path, me = os.path.join(out, "train.lock"), f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            with open(path, "x") as f:
+                f.write(me)
+            break
+        except FileExistsError:
+            with open(path) as f:
+                owner = f.read()
+            host, _, pid = owner.partition(" ")
+            if not (host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))):
+                raise ValueError(f"{out}: another train.py ({owner or 'unknown'}) is training into it; "
+                                 f"if it is gone, delete {path}") from None
+            os.remove(path)  # stale
+    try:
+        yield
+    finally:
+        os.remove(path)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
 
 
 # ----------------------------------------------------------------------------- logging
@@ -719,25 +573,19 @@ PEAK_BF16_FLOPS = [
 
 
 def peak_flops(device_name):
-    for pattern, flops in PEAK_BF16_FLOPS:
-        if re.search(pattern, device_name.lower()):
-            return flops
-    return None
-
-
-def format_duration(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+    return next((flops for pattern, flops in PEAK_BF16_FLOPS if re.search(pattern, device_name.lower())), None)
 
 
 class Log:
-    """Rank 0's log: lines to the terminal and out/log.txt, numbers to out/metrics.jsonl (one JSON a line).
-    On resume the metrics of steps after the checkpoint are dropped: they are about to be run again."""
+    """Rank 0's log -- lines to the terminal and out/log.txt, numbers to out/metrics.jsonl -- and every rank's
+    window of loss terms since the last log line. The terms stay on the device until a log step, so the loop
+    never waits for the GPU in between; one all_reduce then sums them over ranks. On resume the metrics of steps
+    after the checkpoint are dropped (they are about to be run again) and the unlogged sums come back."""
 
-    def __init__(self, out, rank, start):
-        self.enabled = rank == 0
+    def __init__(self, out, rank, start, device, unlogged=None):
+        self.enabled, self.device = rank == 0, device
         self.text_path, self.metrics_path = os.path.join(out, "log.txt"), os.path.join(out, "metrics.jsonl")
+        self.reset()
         if not self.enabled:
             return
         os.makedirs(out, exist_ok=True)
@@ -745,9 +593,13 @@ class Log:
         if start and os.path.exists(self.metrics_path):
             with open(self.metrics_path, encoding="utf-8") as f:
                 kept = [line for line in f if is_record_before(line, start)]
-        write_atomic(self.metrics_path, "".join(kept).encode())
+        with open(self.metrics_path, "w", encoding="utf-8") as f:
+            f.write("".join(kept))
         if not start:
-            write_atomic(self.text_path, b"")
+            open(self.text_path, "w").close()
+        if unlogged and unlogged["sums"]:  # the loss sums of the steps between the last log line and the checkpoint
+            self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in unlogged["sums"].items()}
+            self.weight = unlogged["weight"]
 
     def line(self, text):
         if self.enabled:
@@ -760,34 +612,9 @@ class Log:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-
-def is_record_before(line, step):
-    """A whole metrics line of a step up to `step` (a kill may have cut the last line short)."""
-    try:
-        return json.loads(line)["step"] <= step
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return False
-
-
-def term_text(terms):
-    return " ".join(f"{k} {v:.4f}" for k, v in terms.items() if k != "loss")
-
-
-class Window:
-    """Loss terms and throughput since the last log line. Terms stay on the device until a log step, so the
-    loop never waits for the GPU in between; one all_reduce then sums them over ranks."""
-
-    def __init__(self, device):
-        self.device = device
-        self.reset()
-        self.started = time.time()
-
     def reset(self):
         self.sums, self.weight, self.tokens, self.flops, self.steps, self.paused = {}, 0, 0, 0.0, 0, 0.0
-        self.finite, self.batches = [], []
-
-    def count(self, tokens, flops):
-        self.tokens, self.flops, self.steps = self.tokens + tokens, self.flops + flops, self.steps + 1
+        self.finite, self.batches, self.started = [], [], time.time()
 
     def add(self, loss, terms, weight, step, batch):
         for name, value in {"loss": loss.detach(), **terms}.items():
@@ -805,53 +632,44 @@ class Window:
             where = f"at step {step} (batch: {', '.join(map(str, names[:8]))})" if bad else "on another rank"
             raise ValueError(f"{stage_name}: the loss is not finite {where}; lower --lr or check the data")
 
-    def pending(self, world):
-        """The loss sums since the last log line, over all ranks: a checkpoint between log steps keeps them, so
-        the first line logged after a resume is the one an uninterrupted run logs."""
+    def unlogged(self, world):
+        """The loss sums since the last log line, over all ranks, for a checkpoint taken between log steps."""
         if not self.sums:
             return {"sums": {}, "weight": 0}
         local = torch.stack([*self.sums.values(), torch.tensor(float(self.weight), device=self.device)]).double()
         *sums, weight = all_reduce_sum(local, world).tolist()
         return {"sums": dict(zip(self.sums, sums)), "weight": weight}
 
-    def restore(self, pending):
-        self.sums = {name: torch.tensor(value, dtype=torch.float32, device=self.device)
-                     for name, value in pending["sums"].items()}
-        self.weight = pending["weight"]
-
-    def pause(self, seconds):
-        """Validation and checkpoint time does not count against throughput."""
-        self.paused += seconds
-
-    def report(self, world, device, batch_size):
-        """-> ({"loss", term: mean over the window and all ranks},
-               {seconds_per_step, samples_per_s, tokens_per_s, flops_per_s}, whether any rank got SIGTERM)."""
+    def train_line(self, cfg, step, world, grad_norm, peak):
+        """The window's means over all ranks as a log line and a metrics record -> whether any rank got SIGTERM."""
         local = torch.stack([*self.sums.values()]).double()
         extra = torch.tensor([self.weight, self.tokens, self.flops, SIGTERM["received"]], dtype=torch.float64,
-                             device=device)
+                             device=self.device)
         reduced = all_reduce_sum(torch.cat([local, extra]), world).tolist()
         weight, tokens, flops, stop = reduced[len(self.sums):]
         means = {name: value / weight for name, value in zip(self.sums, reduced)}
         seconds = max(time.time() - self.started - self.paused, 1e-9)
-        speed = {"seconds_per_step": seconds / self.steps, "samples_per_s": self.steps * batch_size / seconds,
-                 "tokens_per_s": tokens / seconds, "flops_per_s": flops / seconds}
+        samples_per_s, tokens_per_s = self.steps * cfg.batch_size / seconds, tokens / seconds if tokens else None
+        mfu = flops / seconds / (peak * world) if peak else None  # unknown device: no MFU rather than a wrong one
+        eta = (cfg.steps - step) * seconds / self.steps
+        lr = lr_factor(step - 1, cfg) * (cfg.lr_lm if cfg.stage == "vlm" else cfg.lr)  # the lr the last step ran at
+        terms = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+        self.line(f"{cfg.stage} step {step}/{cfg.steps} | loss {means['loss']:.4f} | {terms} | lr {lr:.2e} | "
+                  f"grad {grad_norm:.3f} | {samples_per_s:.1f} samples/s"
+                  + (f" | {tokens_per_s:.0f} tokens/s" if tokens_per_s else "") + (f" | MFU {100 * mfu:.1f}%" if mfu else "")
+                  + f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+        self.metrics({"step": step, "split": "train", **means, "lr": lr, "grad_norm": grad_norm,
+                      "samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s, "mfu": mfu})
         self.reset()
-        self.started = time.time()
-        return means, speed, stop > 0
+        return stop > 0
 
 
-def log_train_step(log, bar, cfg, step, means, speed, grad_norm, peak, world):
-    lr = lr_factor(step - 1, cfg) * (cfg.lr_lm if cfg.stage == "vlm" else cfg.lr)  # the lr the last step ran at
-    tokens_per_s = speed["tokens_per_s"] if cfg.stage == "vlm" else None
-    mfu = speed["flops_per_s"] / (peak * world) if peak else None  # unknown device: no MFU rather than a wrong one
-    text = (f"{cfg.stage} step {step}/{cfg.steps} | loss {means['loss']:.4f} | {term_text(means)} | lr {lr:.2e} | "
-            f"grad {grad_norm:.3f} | {speed['samples_per_s']:.1f} samples/s")
-    text += f" | {tokens_per_s:.0f} tokens/s" if tokens_per_s is not None else ""
-    text += f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
-    log.line(text + f" | ETA {format_duration((cfg.steps - step) * speed['seconds_per_step'])}")
-    bar.set_postfix(loss=f"{means['loss']:.4f}")
-    log.metrics({"step": step, "split": "train", **means, "lr": lr, "grad_norm": grad_norm,
-                 "samples_per_s": speed["samples_per_s"], "tokens_per_s": tokens_per_s, "mfu": mfu})
+def is_record_before(line, step):
+    """A whole metrics line of a step up to `step` (a kill may have cut the last line short)."""
+    try:
+        return json.loads(line)["step"] <= step
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return False
 
 
 # ----------------------------------------------------------------------------- validation
@@ -870,7 +688,7 @@ class Run:
 @torch.no_grad()
 def validate(stage, cfg, run):
     """Mean loss terms over the first eval_samples held-out samples, split across ranks by micro-batches and
-    weighted as in training; each sample's masks depend on its position only, so any world size agrees."""
+    weighted as in training; each sample is drawn from its position only, so any world size agrees."""
     n, m = len(stage.val_set), run.micro_batch
     chunks = [list(range(first, min(first + m, cfg.eval_samples))) for first in range(0, cfg.eval_samples, m)]
     mine, counted = chunks[run.rank::run.world], 1
@@ -880,11 +698,10 @@ def validate(stage, cfg, run):
                                          batch_sampler=[[(0, p % n) for p in chunk] for chunk in mine])
     stage.model.eval()
     sums, total_weight = 0, 0
-    for chunk, batch in zip(mine, loader):
-        weight = batch_weight(stage, batch) * counted
-        generator = masking_generator(cfg.seed, 0, chunk[0], cfg.num_views, validation=True)
+    for batch in loader:
+        weight = stage.weight(batch) * counted
         with run.autocast:
-            loss, terms = stage_loss(stage, stage.model, to_device(batch, run.device), generator)
+            loss, terms = stage.loss(stage.model, to_device(batch, run.device))
         names = ["loss", *terms]
         sums = sums + torch.stack([loss.float(), *(t.float() for t in terms.values())]).double() * weight
         total_weight += weight
@@ -945,15 +762,14 @@ def geo_gates(model, batches):
 
 
 @torch.no_grad()
-def psfm_gates(model, batches, seed, num_views):
+def psfm_gates(model, batches):
     """On the masked (unseen) views: 1 - cosine of the predicted geo field with the query cameras PSFM uses vs
     the cameras of another sample (a decoder that ignores cameras scores the same) vs the held-out mean token
     of each patch position; the depth probe vs the per-position mean log depth."""
     errors, targets, masks, depths, depth_valid = {}, [], [], [], []
     p = model.backbone.config.patch_size
-    for k, batch in enumerate(batches):
-        generator = masking_generator(seed, 0, k * GATE_BATCH, num_views, validation=True)
-        context, target, latent, K, pose = model.context_pass(batch, generator)
+    for batch in batches:
+        context, target, latent, K, pose = model.context_pass(batch)
         masked = ~context  # (B, V)
 
         def field_and_error(K, pose):  # the field along these cameras' rays, its 1 - cos on the unseen views
@@ -1089,32 +905,30 @@ def vlm_gates(model, batches):
     return [gate_row("vlm: answer CE", e["own"], e["other"], what)]
 
 
-def stage_gates(stage, cfg, run):
-    """The gate rows of the stage on cfg.eval_samples held-out samples (and, for the psfm probes, probe_samples
-    training samples), one batch of GATE_BATCH at a time."""
-    def batches(dataset, count, spread=False):
-        # QA records come grouped by scene and task: a seeded spread makes partners from other scenes common
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed)) if spread else None
-        count = min(count, len(dataset))  # never the same sample twice: the intervals assume distinct samples
-        count = max(GATE_BATCH, count - count % GATE_BATCH)
-        for first in range(0, count, GATE_BATCH):
-            picks = [i % len(dataset) for i in range(first, first + GATE_BATCH)]
-            items = [dataset[int(order[i]) if spread else i] for i in picks]
-            yield to_device(stage.collate(items), run.device)
+def gate_batches(stage, dataset, cfg, run, count=None, spread=False):
+    """Batches of GATE_BATCH distinct samples of a dataset (the intervals assume distinct samples); QA records come
+    grouped by scene and task, so spread=True takes them in a seeded order that makes partners of other scenes."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist() if spread else None
+    count = min(count or cfg.eval_samples, len(dataset))
+    count = max(GATE_BATCH, count - count % GATE_BATCH)
+    for first in range(0, count, GATE_BATCH):
+        picks = [i % len(dataset) for i in range(first, first + GATE_BATCH)]
+        yield to_device(stage.collate([dataset[order[i] if spread else i] for i in picks]), run.device)
 
+
+def psfm_stage_gates(stage, cfg, run):
+    rows = psfm_gates(stage.model, gate_batches(stage, stage.val_set, cfg, run))
+    # probes on overlapping views: how one camera sits relative to another is only knowable when they overlap
+    probe_train, probe_val = view_datasets(replace(cfg, view_sampling="near"), stage.model.backbone.config.image_size)
+    rooms_of = lambda batch: [probe_val.store.scene(s)["meta"] for s in batch["scene"]]
+    return rows + probe_gates(stage.model, gate_batches(stage, probe_train, cfg, run, cfg.probe_samples),
+                              gate_batches(stage, probe_val, cfg, run), rooms_of, cfg.seed)
+
+
+def stage_gates(stage, cfg, run):
     stage.model.eval()
     with run.autocast:
-        if stage.name == "geo":
-            rows = geo_gates(stage.model, batches(stage.val_set, cfg.eval_samples))
-        elif stage.name == "psfm":
-            rows = psfm_gates(stage.model, batches(stage.val_set, cfg.eval_samples), cfg.seed, cfg.num_views)
-            # probes on overlapping views: how one camera sits relative to another is only knowable when they overlap
-            probe_train, probe_val = view_datasets(replace(cfg, view_sampling="near"), stage.config[0].image_size)
-            rooms_of = lambda batch: [probe_val.store.scene(s)["meta"] for s in batch["scene"]]
-            rows += probe_gates(stage.model, batches(probe_train, cfg.probe_samples),
-                                batches(probe_val, cfg.eval_samples), rooms_of, cfg.seed)
-        else:
-            rows = vlm_gates(stage.model, batches(stage.val_set, cfg.eval_samples, spread=True))
+        rows = stage.gates(stage, cfg, run)
     stage.model.train()
     return rows
 
@@ -1126,45 +940,7 @@ def gate_text(row):
 
 # ----------------------------------------------------------------------------- the training loop
 
-@contextmanager
-def out_lock(out, rank):
-    """One training process per --out (two would overwrite each other's checkpoints): rank 0 holds out/train.lock,
-    which names its host and pid; a lock left by a process that is gone (kill -9) is taken over."""
-    if rank:
-        yield
-        return
-    os.makedirs(out, exist_ok=True)
-    path, me = os.path.join(out, "train.lock"), f"{socket.gethostname()} {os.getpid()}"
-    while True:
-        try:
-            with open(path, "x") as f:
-                f.write(me)
-            break
-        except FileExistsError:
-            with open(path) as f:
-                owner = f.read()
-            host, _, pid = owner.partition(" ")
-            if not (host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))):
-                raise ValueError(f"{out}: another train.py ({owner or 'unknown'}) is training into it; "
-                                 f"if it is gone, delete {path}") from None
-            os.remove(path)  # stale
-    try:
-        yield
-    finally:
-        os.remove(path)
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        pass
-    return True
-
-
-def train_stage(cfg, model_args, rank, world, device):
+def train_stage(cfg, models, rank, world, device):
     """Build the stage, continue from its checkpoint with --resume, run the remaining steps, save."""
     if rank == 0:  # a kill during a save may have left a commit half moved: complete it before anyone reads
         for folder in (cfg.out, cfg.init_geo, cfg.init_spa3r):
@@ -1174,42 +950,37 @@ def train_stage(cfg, model_args, rank, world, device):
         raise ValueError(f"{cfg.out}: holds a checkpoint; --resume continues it, --overwrite starts over "
                          "(its first save replaces it)")
     with out_lock(cfg.out, rank):
-        train_one_stage(cfg, model_args, rank, world, device)
-
-
-def train_one_stage(cfg, model_args, rank, world, device):
-    stage = BUILDERS[cfg.stage](cfg, model_args)
-    for split, dataset in (("training", stage.train_set), ("held-out", stage.val_set)):
-        if len(dataset) == 0 and (split == "training" or cfg.eval_every):
-            raise ValueError(f"{cfg.data}: no {split} samples for stage {cfg.stage}")
-    micro_batch = cfg.micro_batch or cfg.batch_size // world
-    if micro_batch < 1 or cfg.batch_size % (world * micro_batch):
-        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of world size x micro-batch "
-                         f"= {world} x {micro_batch}")
-    use_autocast = cfg.bf16 and device.type == "cuda"
-    run = Run(rank, world, device, micro_batch, cfg.batch_size // (world * micro_batch),
-              torch.autocast("cuda", torch.bfloat16) if use_autocast else nullcontext())
-    stage.model.to(device)
-    optimizer = make_optimizer(stage.groups, device)
-    resumed = cfg.resume and os.path.exists(os.path.join(cfg.out, "train_state.json"))
-    saved = load_checkpoint(cfg, stage, optimizer, device) if resumed else None
-    start = saved["step"] if saved else 0
-    log = Log(cfg.out, rank, start)
-    log_header(log, cfg, stage, run, saved)
-    if start < cfg.steps:
-        run_steps(cfg, stage, run, optimizer, log, start, saved and saved.get("window"))
-    else:
-        log.line(f"{cfg.stage}: already trained to step {start} of {cfg.steps}")
+        stage = BUILDERS[cfg.stage](cfg, models)
+        for split, dataset in (("training", stage.train_set), ("held-out", stage.val_set)):
+            if len(dataset) == 0 and (split == "training" or cfg.eval_every):
+                raise ValueError(f"{cfg.data}: no {split} samples for stage {cfg.stage}")
+        micro_batch = cfg.micro_batch or cfg.batch_size // world
+        if micro_batch < 1 or cfg.batch_size % (world * micro_batch):
+            raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of world size x micro-batch "
+                             f"= {world} x {micro_batch}")
+        use_autocast = cfg.bf16 and device.type == "cuda"
+        run = Run(rank, world, device, micro_batch, cfg.batch_size // (world * micro_batch),
+                  torch.autocast("cuda", torch.bfloat16) if use_autocast else nullcontext())
+        stage.model.to(device)
+        optimizer = make_optimizer(stage.groups, device)
+        resumed = cfg.resume and os.path.exists(os.path.join(cfg.out, "train_state.json"))
+        saved = load_checkpoint(cfg, stage, optimizer, device) if resumed else None
+        start = saved["step"] if saved else 0
+        log = Log(cfg.out, rank, start, device, saved and saved.get("unlogged"))
+        log_header(log, cfg, stage, run, saved)
+        if start < cfg.steps:
+            run_steps(cfg, stage, run, optimizer, log, start)
+        else:
+            log.line(f"{cfg.stage}: already trained to step {start} of {cfg.steps}")
     barrier(world)  # the next stage reads this one's checkpoint
 
 
-def run_steps(cfg, stage, run, optimizer, log, start, pending=None):
+def run_steps(cfg, stage, run, optimizer, log, start):
     """Steps start..cfg.steps-1 with logging, validation and checkpoints; stops early, saved, on SIGTERM."""
     rank, world, device = run.rank, run.world, run.device
     runner = torch.compile(stage.model) if cfg.compile else stage.model
     if world > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        runner = nn.parallel.DistributedDataParallel(runner, device_ids=device_ids)
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     num_samples = len(stage.train_set)
     sampler = RankBatches(num_samples, cfg.batch_size, run.micro_batch, rank, world, cfg.seed, start, cfg.steps)
     batches = iter(torch.utils.data.DataLoader(EpochItems(stage.train_set), batch_sampler=sampler,
@@ -1218,27 +989,21 @@ def run_steps(cfg, stage, run, optimizer, log, start, pending=None):
     peak = peak_flops(torch.cuda.get_device_name(device)) if cfg.bf16 and device.type == "cuda" else None
     bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, mininterval=1, dynamic_ncols=True,
                disable=True if rank else None)  # None: off when stderr is not a terminal
-    window = Window(device)
-    if pending and rank == 0:  # the loss sums of the steps since the last log line before the checkpoint
-        window.restore(pending)
 
     def save(step):  # every rank checks; rank 0 writes; the others wait for it at their next collective
-        window.check_finite(cfg.stage, world)
+        log.check_finite(cfg.stage, world)
         check_finite_state(stage.model, optimizer, f"{cfg.stage} step {step}", cfg.out)
-        unlogged = window.pending(world)
+        unlogged = log.unlogged(world)
         if rank == 0:
-            write = partial(write_checkpoint, stage, optimizer, cfg, step, num_samples, device, unlogged)
-            save_checkpoint(cfg.out, write)
+            save_checkpoint(cfg.out, partial(write_checkpoint, stage, optimizer, cfg, step, num_samples, device, unlogged))
 
     for step in range(start, cfg.steps):
-        micro = [next(batches) for _ in range(run.accum)]
-        grad_norm = train_step(stage, runner, optimizer, micro, step, cfg, run, window)
+        grad_norm = train_step(stage, runner, optimizer, [next(batches) for _ in range(run.accum)], step, cfg, run, log)
         bar.update()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            window.check_finite(cfg.stage, world)
-            means, speed, stop = window.report(world, device, cfg.batch_size)
-            log_train_step(log, bar, cfg, done, means, speed, float(grad_norm), peak, world)
+            log.check_finite(cfg.stage, world)
+            stop = log.train_line(cfg, done, world, float(grad_norm), peak)
             if stop:  # every rank learnt it from the same all_reduce, so all stop at this step
                 save(done)
                 log.line(f"{cfg.stage}: SIGTERM: checkpoint of step {done} saved in {cfg.out}; --resume continues")
@@ -1247,7 +1012,8 @@ def run_steps(cfg, stage, run, optimizer, log, start, pending=None):
         started = time.time()
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
             val = validate(stage, cfg, run)
-            log.line(f"{cfg.stage} step {done}/{cfg.steps} | val loss {val['loss']:.4f} | {term_text(val)}")
+            log.line(f"{cfg.stage} step {done}/{cfg.steps} | val loss {val['loss']:.4f} | "
+                     + " ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "loss"))
             log.metrics({"step": done, "split": "val", **val})
             if rank == 0:  # the gates: this stage against its trivial baselines on held-out samples
                 rows = stage_gates(stage, cfg, run)
@@ -1256,27 +1022,27 @@ def run_steps(cfg, stage, run, optimizer, log, start, pending=None):
                 log.metrics({"step": done, "split": "gates", "gates": rows})
         if done % cfg.save_every == 0 or done == cfg.steps:
             save(done)
-        window.pause(time.time() - started)  # validation and checkpoints do not count against throughput
+        log.paused += time.time() - started  # validation and checkpoints do not count against throughput
     bar.close()
     log.line(f"{cfg.stage}: done, checkpoint in {cfg.out}")
 
 
-def train_step(stage, runner, optimizer, micro, step, cfg, run, window):
+def train_step(stage, runner, optimizer, micro, step, cfg, run, log):
     """One optimizer step on this rank's micro-batches -> the gradient norm before clipping."""
-    weights = [batch_weight(stage, b) for b in micro]
-    window.count(sum(batch_tokens(stage, b) for b in micro), sum(batch_flops(stage, b, cfg.num_views) for b in micro))
+    weights = [stage.weight(b) for b in micro]
+    log.tokens += sum(stage.tokens(b) for b in micro)
+    log.flops += sum(stage.flops(b) for b in micro)
+    log.steps += 1
     total_weight = all_reduce_sum(torch.tensor(float(sum(weights)), device=run.device), run.world)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_factor(step, cfg)
     for k, (batch, weight) in enumerate(zip(micro, weights)):
-        offset = micro_offset(k, run.rank, run.world, run.micro_batch)
-        generator = masking_generator(cfg.seed, step, offset, cfg.num_views)
         with runner.no_sync() if run.world > 1 and k < run.accum - 1 else nullcontext():  # all-reduce once, at the last
             with run.autocast:
-                loss, terms = stage_loss(stage, runner, to_device(batch, run.device), generator)
+                loss, terms = stage.loss(runner, to_device(batch, run.device))
             # DDP averages gradients over ranks; x world makes it the sum of the weighted micro-batch losses
             (loss * (weight * run.world / total_weight)).backward()
-        window.add(loss, terms, weight, step, batch)
+        log.add(loss, terms, weight, step, batch)
     grad_norm = nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                          cfg.clip if cfg.clip > 0 else math.inf)
     optimizer.step()
@@ -1289,11 +1055,11 @@ def log_header(log, cfg, stage, run, saved):
     where = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type
     trainable = sum(p.numel() for p in params if p.requires_grad)
     what = f"resuming at step {saved['step']}" if saved else "starting"
-    log.line(f"{cfg.stage}: {what} | {run.world} process(es) on "
-             f"{where} | global batch {cfg.batch_size} = {run.world} x {run.micro_batch} x {run.accum} accumulation | "
-             f"{trainable:,} trainable of {sum(p.numel() for p in params):,} parameters | "
-             f"{len(stage.train_set)} training samples")
-    log.line("config " + json.dumps({"train": asdict(cfg), "model": model_config_dict(stage)}))
+    log.line(f"{cfg.stage}: {what}"
+             f" | {run.world} process(es) on {where} | global batch {cfg.batch_size} = {run.world} x {run.micro_batch}"
+             f" x {run.accum} accumulation | {trainable:,} trainable of {sum(p.numel() for p in params):,} parameters"
+             f" | {len(stage.train_set)} training samples")
+    log.line("config " + json.dumps({"train": asdict(cfg), "model": stage.config}))
     if cfg.resume and not saved:
         log.line(f"{cfg.stage}: --resume, but no checkpoint in {cfg.out} yet: starting from step 0")
     if saved and saved["data"].get("train_samples") != len(stage.train_set):
@@ -1304,8 +1070,7 @@ def log_header(log, cfg, stage, run, saved):
 # ----------------------------------------------------------------------------- main
 
 def main(argv):
-    flat_args, model_args = split_arguments(argv)
-    first = parse_args(flat_args, TrainConfig())
+    first = parse_args(argv, TrainConfig(), {name: cls() for name, cls in MODEL_CONFIGS.items()})
     if first.stage not in ("",) + STAGES:
         raise SystemExit(f"--stage must be one of {', '.join(STAGES)} (or absent for all three), got {first.stage!r}")
     if first.preset not in ("", "tiny", "reference"):
@@ -1315,10 +1080,10 @@ def main(argv):
     try:
         preset = first.preset or ("reference" if device.type == "cuda" else "tiny")
         stages = [first.stage] if first.stage else list(STAGES)
-        configs = [stage_config(flat_args, stage, preset, not first.stage) for stage in stages]
-        ensure_data(configs[0].data, preset, stages, rank, world)
-        for cfg in configs:
-            train_stage(cfg, model_args, rank, world, device)
+        configs = [stage_config(argv, stage, preset, not first.stage) for stage in stages]
+        ensure_data(configs[0][0].data, preset, stages, rank, world)
+        for cfg, models in configs:
+            train_stage(cfg, models, rank, world, device)
     except ValueError as error:  # bad input: one line naming the file and the field, no traceback
         raise SystemExit(f"train.py{f' [rank {rank}]' if world > 1 else ''}: {error}") from None
     finally:

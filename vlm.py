@@ -7,55 +7,30 @@ visual token read that latent (the paper's spatial branch; `spa3r="none"` remove
 visual tokens replace the `<image>` slots of a fixed chat prompt, and a Llama-style decoder writes the answer.
 train.py optimises SpaVLM.forward(batch); eval.py calls load_for_eval(ckpt_dir).answer(records, images).
 
-Reading order:
-  LMConfig, rotary positions, KVCache, LMAttention (grouped-query), SwiGLU, LM (+ generate)
-  pixel_shuffle, VisionProjector      image patch tokens -> visual tokens in the LM width
-  CrossAttention, Spa3RAdapter        the spatial branch, as the paper builds it
-  the chat template, collate, prompt_batch
-  VLMConfig, SpaVLM                   forward (loss), generate, answer, param_groups, init_from_psfm
-  save, load_for_eval, load_llama     checkpoints, safetensors only
-  lm_flops_per_token, flops_per_sample   for MFU
-
-Entry points used by the other files:
-  VLMConfig.tiny() / VLMConfig.reference(); VLMConfig.from_dict(d)
-  SpaVLM(config, tokenizer)           tokenizer: a tokenizers.Tokenizer holding the contract's special tokens
-  collate(items, tokenizer, config)   data.QADataset items -> training batch:
-      input_ids (B, T) long, right-padded with <|pad|>; targets (B, T) long, the token each position must
-      predict, IGNORE (-100) except on the answer; images (I, 3, H, W) float in [0, 1], every record's images
-      in order (I = sum of num_images); num_images (B,) long; ids [str]
-  SpaVLM.forward(batch) -> (loss, {"ce": detached})    mean cross-entropy over the batch's answer tokens
-  SpaVLM.param_groups({"lm": lr, "vision": lr, "projector": lr, "adapter": lr[, "spa3r": lr]}, weight_decay)
-  SpaVLM.init_from_psfm(psfm_state)   vision ViT <- the frozen backbone's ViT; Spa3R <- the whole PSFM
-  prompt_batch(questions, images, tokenizer, config) -> left-padded batch with valid (B, T) bool
-  SpaVLM.generate(batch, max_new_tokens, temperature, generator, use_cache) -> [[token id]]
-  SpaVLM.answer(records, images) -> [str]   greedy, KV cache, batched (eval.py's contract)
-  save(model, ckpt_dir) / load_for_eval(ckpt_dir); load_llama(model_dir) -> (LM, tokenizer)
-  lm_flops_per_token(lm_config, context), flops_per_sample(config, num_images, text_tokens, training=False)
+Reading order: the LM (RoPE, KV cache, grouped-query attention, SwiGLU, greedy generate); visual tokens; the
+Spa3R adapter as the paper builds it; the chat template and batches; VLMConfig and SpaVLM; checkpoints; FLOPs.
 
 Batching records with 1..32 images: the ViT sees every image of the batch in one call (images are
 independent there); PSFM.encode runs once per group of records with the same image count (its global
 attention needs equal view counts); the adapter gathers each image's record latent by index. No padding
 of images anywhere, so nothing has to be masked out of the visual path.
 """
-import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
-from tokenizers import Tokenizer
 
-from data import ORACLE_CAMERAS, ORACLE_DIM, ORACLE_OBJECTS, SPECIAL_TOKENS, load_tokenizer, read_json
-from generate_spar import write_atomic
+from data import (ORACLE_CAMERAS, ORACLE_DIM, ORACLE_OBJECTS, SPECIAL_TOKENS, best_device, load_checkpoint,
+                  load_tokenizer, load_weights, read_json, read_weights)
 from model import MLP, GeoBackbone, GeoConfig, ViT, block_flops, check_fields, init_weights
 from model import flops_per_sample as geo_flops_per_sample
 from psfm import PSFM, Spa3RConfig
 
 IGNORE = -100  # target of positions the loss skips (F.cross_entropy's default ignore_index)
+PAD = SPECIAL_TOKENS.index("<|pad|>")  # collate right-pads input_ids with it
 
 
 # ----------------------------------------------------------------------------- the decoder LM
@@ -246,17 +221,16 @@ class LM(nn.Module):
         return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
 
     @torch.no_grad()
-    def generate(self, x, valid, max_new_tokens, stop_id, temperature=0.0, generator=None, use_cache=True):
-        """Continue left-padded prompts x (B, T, D) with valid (B, T) -> per row the new token ids, up to and
-        without the first stop_id, at most max_new_tokens. temperature 0 = greedy, else sampling from
-        softmax(logits / temperature) with generator. use_cache=False recomputes the whole sequence each step
-        (the reference the KV cache must agree with)."""
+    def generate(self, x, valid, max_new_tokens, stop_id, use_cache=True):
+        """Continue left-padded prompts x (B, T, D) with valid (B, T) greedily -> per row the new token ids, up to
+        and without the first stop_id, at most max_new_tokens. use_cache=False recomputes the whole sequence each
+        step (the reference the KV cache must agree with)."""
         B = len(x)
         cache = KVCache(len(self.layers), x.shape[1] + max_new_tokens) if use_cache else None
         logits = self(x, valid, cache)[:, -1]  # (B, vocab)
         tokens, done = [], torch.zeros(B, dtype=torch.bool, device=x.device)
         for step in range(max_new_tokens):
-            token = pick_token(logits, temperature, generator)  # (B,)
+            token = logits.argmax(-1)  # (B,)
             tokens.append(token)
             done |= token == stop_id
             if done.all() or step == max_new_tokens - 1:
@@ -269,14 +243,6 @@ class LM(nn.Module):
                 logits = self(x, valid)[:, -1]
         rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(B)]
         return [row[:row.index(stop_id)] if stop_id in row else row for row in rows]
-
-
-def pick_token(logits, temperature, generator=None):
-    """(B, vocab) -> (B,): argmax, or a draw from softmax(logits / temperature)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = F.softmax(logits.float() / temperature, -1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 # ----------------------------------------------------------------------------- visual tokens
@@ -497,27 +463,9 @@ class VLMConfig:
         return cls(lm=LMConfig.reference(), geo=GeoConfig.reference(), psfm=Spa3RConfig.reference(), **overrides)
 
     @classmethod
-    def from_dict(cls, d, source="config"):
-        """Inverse of dataclasses.asdict; an unknown field is refused by name."""
-        sections = {"lm": LMConfig, "geo": GeoConfig, "psfm": Spa3RConfig}
-        known = {f.name for f in fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if key not in known:
-                raise ValueError(f"{source}: unknown field '{key}'")
-            if key in sections:
-                extra = set(value) - {f.name for f in fields(sections[key])}
-                if extra:
-                    raise ValueError(f"{source}: unknown field '{key}.{sorted(extra)[0]}'")
-                try:
-                    value = sections[key](**value)
-                except (TypeError, ValueError) as e:
-                    raise ValueError(f"{source}: field '{key}': {e}") from None
-            kwargs[key] = value
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from None
+    def from_dict(cls, d):
+        """Inverse of dataclasses.asdict; an unknown field is a TypeError naming it."""
+        return cls(**{**d, "lm": LMConfig(**d["lm"]), "geo": GeoConfig(**d["geo"]), "psfm": Spa3RConfig(**d["psfm"])})
 
 
 class SpaVLM(nn.Module):
@@ -623,10 +571,10 @@ class SpaVLM(nn.Module):
         return loss, {"ce": loss.detach()}
 
     @torch.no_grad()
-    def generate(self, batch, max_new_tokens=None, temperature=0.0, generator=None, use_cache=True):
-        """A prompt_batch -> each row's answer token ids (without the closing <|end|>)."""
+    def generate(self, batch, max_new_tokens=None, use_cache=True):
+        """A prompt_batch -> each row's greedy answer token ids (without the closing <|end|>)."""
         return self.lm.generate(self.embed(batch), batch["valid"], max_new_tokens or self.config.max_new_tokens,
-                                self.special["<|end|>"], temperature, generator, use_cache)
+                                self.special["<|end|>"], use_cache)
 
     @torch.no_grad()
     def answer(self, records, images, max_new_tokens=None, oracle=None):
@@ -659,52 +607,11 @@ class SpaVLM(nn.Module):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save(model, ckpt_dir):
-    """ckpt_dir/config.json (asdict(VLMConfig)), tokenizer.json, model.safetensors (SpaVLM.state_dict(): lm.*,
-    vision.*, projector.*, and with spa3r="psfm" adapter.* and spa3r.*, the whole PSFM, its frozen backbone
-    under spa3r.backbone.*). The tied output head is the embedding, stored once."""
-    os.makedirs(ckpt_dir, exist_ok=True)  # each file written to a temporary name, then renamed
-    write_atomic(os.path.join(ckpt_dir, "config.json"), json.dumps(asdict(model.config), indent=1).encode())
-    write_atomic(os.path.join(ckpt_dir, "tokenizer.json"), model.tokenizer.to_str().encode())
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    write_atomic(os.path.join(ckpt_dir, "model.safetensors"), safetensors_bytes(state))
-
-
-def read_file_checked(path, read):
-    """read(path), with a one-line error naming the file when it is missing or unreadable."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"vlm.py: {path} is missing")
-    try:
-        return read(path)
-    except Exception as e:  # json, safetensors and tokenizers each raise their own kind
-        raise ValueError(f"vlm.py: cannot read {path}: {e}") from e
-
-
-def load_weights(module, path, rename=lambda k: k, skip=()):
-    """Load a safetensors file into module by name (after rename, leaving out skip); a missing or extra name is refused."""
-    state = {rename(k): v for k, v in read_file_checked(path, load_file).items() if k not in skip}
-    own = module.state_dict()
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or extra:
-        raise ValueError(f"vlm.py: {path}: missing tensor(s) {missing[:3]}, unexpected tensor(s) {extra[:3]}")
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"vlm.py: {path}: tensor '{k}' is {tuple(v.shape)}, the model wants {tuple(own[k].shape)}")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
-def best_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
 def load_for_eval(ckpt_dir, device=None):
-    """The SpaVLM saved by save() in ckpt_dir, in eval mode on device (cuda -> mps -> cpu), ready to answer()."""
-    config = read_file_checked(os.path.join(ckpt_dir, "config.json"), read_json)
-    config = VLMConfig.from_dict(config, os.path.join(ckpt_dir, "config.json"))
-    model = SpaVLM(config, load_tokenizer(os.path.join(ckpt_dir, "tokenizer.json")))
-    load_weights(model, os.path.join(ckpt_dir, "model.safetensors"))
+    """The SpaVLM train.py saved in ckpt_dir (config.json, tokenizer.json, model.safetensors), in eval mode on
+    device (default: cuda, then mps, then cpu), ready to answer()."""
+    tokenizer = load_tokenizer(os.path.join(ckpt_dir, "tokenizer.json"))
+    model = load_checkpoint(ckpt_dir, lambda config: SpaVLM(VLMConfig.from_dict(config), tokenizer))
     return model.to(device or best_device()).eval()
 
 
@@ -732,12 +639,11 @@ def load_llama(model_dir):
     """A pretrained Llama-format LM from model_dir: config.json (Hugging Face LlamaConfig), model.safetensors
     (one file, Hugging Face names: "model.layers.0.self_attn.q_proj.weight", ...), tokenizer.json.
     Returns (LM, fp32 whatever the file's dtype; tokenizers.Tokenizer). A tied checkpoint's stored lm_head copy is dropped."""
-    hf = read_file_checked(os.path.join(model_dir, "config.json"), read_json)
-    lm = LM(lm_config_from_hf(hf, os.path.join(model_dir, "config.json")))
+    lm = LM(lm_config_from_hf(read_json(os.path.join(model_dir, "config.json")), os.path.join(model_dir, "config.json")))
+    path = os.path.join(model_dir, "model.safetensors")
     skip = {"lm_head.weight"} if lm.config.tie_embeddings else set()  # a tied checkpoint may store the head too
-    load_weights(lm, os.path.join(model_dir, "model.safetensors"), lambda k: k.removeprefix("model."), skip)
-    tokenizer = read_file_checked(os.path.join(model_dir, "tokenizer.json"), Tokenizer.from_file)
-    return lm, tokenizer
+    state = {k.removeprefix("model."): v.float() for k, v in read_weights(path).items() if k not in skip}
+    return load_weights(lm, path, state), load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
 
 
 # ----------------------------------------------------------------------------- size and cost

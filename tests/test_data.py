@@ -216,8 +216,8 @@ def test_tokenizer_round_trip_special_tokens_and_determinism(dataset_dir, tmp_pa
     assert ids.count(tokenizer.token_to_id("<image>")) == 1 and ids.count(4) == 2
     assert tokenizer.decode(ids, skip_special_tokens=False) == text
     texts = [r["question"] for r in data.load_qa_jsonl(str(dataset_dir / "qa_train.jsonl"))]
-    data.train_tokenizer(texts, str(tmp_path / "a.json"), 400)
-    data.train_tokenizer(texts, str(tmp_path / "b.json"), 400)
+    g.train_tokenizer(texts, str(tmp_path / "a.json"), 400)
+    g.train_tokenizer(texts, str(tmp_path / "b.json"), 400)
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
 
 

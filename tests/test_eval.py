@@ -1,6 +1,7 @@
 """Tests for eval.py: every expected score here is worked out by hand (or by a brute-force loop), not by eval."""
 import json
 import os
+from dataclasses import fields
 from fractions import Fraction
 
 import pytest
@@ -34,6 +35,11 @@ def data_dir(tmp_path, val, train=None):
     if train is not None:
         write_jsonl(tmp_path / "qa_train.jsonl", train)
     return str(tmp_path)
+
+
+def cli(*argv):
+    """The config `python eval.py ARGV` runs."""
+    return ev.parse_args(list(argv), ev.EvalConfig())
 
 
 def score_file(tmp_path, capsys, val, predictions, train=None):
@@ -162,7 +168,10 @@ def test_level_and_overall_means(tmp_path, capsys):
     assert result["model"]["benchmarks"] == pytest.approx({"SPAR-Bench": 56.25, "VSI-Bench": 265 / 3})
     assert result["model"]["overall"] == pytest.approx(490 / 7)
     assert out.rstrip("\n").splitlines()[-1] == "overall: 70.00"
-    assert "## SPAR-Bench" in out and "## VSI-Bench" in out and "| depth_prediction_oc | low | 2 | 75.00 |" in out
+    # one table: task rows with level and count, then level and benchmark rows (six SPAR questions, five VSI)
+    assert "| depth_prediction_oc | low | 2 | 75.00 | – | – |" in out and "| **low** | | | 62.50 | – | – |" in out
+    assert "| **SPAR-Bench** | | 6 | 56.25 | – | – |" in out and "| **VSI-Bench** | | 5 | 88.33 | – | – |" in out
+    assert "| **overall** | | 11 | 70.00 | – | – |" in out
     assert "no prediction" not in out and "baselines are left out" in out
     saved = json.load(open(tmp_path / "scores.json"))
     assert saved["model"]["overall"] == pytest.approx(70) and saved["chance_uniform"] is None
@@ -171,7 +180,7 @@ def test_level_and_overall_means(tmp_path, capsys):
 def test_only_benchmarks_with_questions_are_printed(tmp_path, capsys):
     val = [question("c1", "object_counting", "4")]
     result, out = score_file(tmp_path, capsys, val, [{"id": "c1", "prediction": "4"}])
-    assert "## VSI-Bench" in out and "SPAR-Bench" not in out and result["model"]["overall"] == 100
+    assert "| **VSI-Bench** |" in out and "SPAR-Bench" not in out and result["model"]["overall"] == 100
 
 
 def test_compare_puts_systems_side_by_side(tmp_path, capsys):
@@ -189,7 +198,7 @@ def test_compare_puts_systems_side_by_side(tmp_path, capsys):
     # the CLI reads json_out files
     json.dump(first, open(tmp_path / "a.json", "w"))
     json.dump(silent, open(tmp_path / "b.json", "w"))
-    ev.run(ev.parse_args([f"--compare=good={tmp_path / 'a.json'},silent={tmp_path / 'b.json'}"]))
+    ev.run(cli(f"--compare=good={tmp_path / 'a.json'},silent={tmp_path / 'b.json'}"))
     assert row in capsys.readouterr().out
 
 
@@ -305,21 +314,28 @@ def test_model_mode_writes_predictions_that_score_the_same(tmp_path, capsys):
 
 
 def test_model_mode_feeds_frames_at_the_models_image_size(tmp_path, capsys, monkeypatch):
-    asked = []
+    asked = set()
 
-    def fake_scene_frames(data_dir, res):
-        asked.append(res)
-        return frames
+    class Scenes:
+        """Stands in for data.SceneStore: the frames of a record, remembering the resolution asked for."""
+
+        def __init__(self, data_dir):
+            pass
+
+        def frames(self, scene, images, res, markers=None):
+            asked.add(res)
+            return torch.zeros(len(images), 3, 8, 8)
 
     class Sized(Oracle):
         config = type("Config", (), {"geo": type("Geo", (), {"image_size": 48})})
 
-    monkeypatch.setattr(ev, "scene_frames", fake_scene_frames)
+    monkeypatch.setattr(ev.data, "SceneStore", Scenes)
     val, _ = synthetic_split()
     cfg = ev.EvalConfig(data=data_dir(tmp_path, val), ckpt=str(tmp_path / "ckpt"), json_out=str(tmp_path / "s.json"))
     ev.run(cfg, model=Sized())
+    assert asked == {48}
     ev.run(ev.EvalConfig(**{**cfg.__dict__, "res": 96}), model=Sized())
-    assert asked == [48, 96]
+    assert asked == {48, 96}
 
 
 # -----------------------------------------------------------------------------
@@ -341,15 +357,25 @@ def test_from_vsibench():
 
 
 def test_parse_args():
-    cfg = ev.parse_args(["--predictions=p.jsonl", "--data=d", "--batch_size=4"])
+    cfg = cli("--predictions=p.jsonl", "--data=d", "--batch_size=4")
     assert (cfg.predictions, cfg.data, cfg.batch_size, cfg.split) == ("p.jsonl", "d", 4, "val")
-    bad_args = [["--predictions", "p.jsonl"], ["--predictions=p", "--ckpt=c"], ["--data=d"],
-                ["--predictions=p", "--nope=1"],
-                ["--predictions=p", "--batch_size=x"], ["--predictions=p", "--batch_size=0"],
-                ["--predictions=p", "--split=test"]]
-    for bad in bad_args:
+    # not --key=value of a known key with a value of its type: refused while parsing
+    for bad in [["--predictions", "p.jsonl"], ["--predictions=p", "--nope=1"], ["--predictions=p", "--batch_size=x"]]:
         with pytest.raises(SystemExit):
-            ev.parse_args(bad)
+            cli(*bad)
+    # well-formed but meaningless: refused before any file is read (the data folder "d" does not exist)
+    for bad in [["--predictions=p", "--ckpt=c"], ["--data=d"], ["--predictions=p", "--batch_size=0"],
+                ["--predictions=p", "--res=-1"], ["--predictions=p", "--split=test"]]:
+        with pytest.raises(ValueError, match="^(give exactly one|need --batch_size)"):
+            ev.run(cli(*bad))
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli("--help")
+    out = capsys.readouterr().out
+    assert done.value.code in (0, None)
+    assert all(f"--{field.name}=" in out for field in fields(ev.EvalConfig))
 
 
 # -----------------------------------------------------------------------------
@@ -414,7 +440,7 @@ def test_ablation_of_an_old_eval_json_names_the_file_and_field(tmp_path):
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"model": {"overall": 50.0}}))  # written before per-question scores were kept
     with pytest.raises(ValueError, match=r"old.json: field 'scores' is missing"):
-        ev.run(ev.parse_args([f"--ablation=a={old},b={old}"]))
+        ev.run(cli(f"--ablation=a={old},b={old}"))
 
 
 # -----------------------------------------------------------------------------
@@ -427,6 +453,12 @@ def test_unknown_task_names_file_line_and_the_known_tasks(tmp_path, capsys):
     message = str(err.value)   # it would count in `overall` but appear in no table
     assert message.startswith(f"{tmp_path / 'qa_val.jsonl'}:2: field 'task': unknown task 'object_cuonting'")
     assert "object_counting" in message and "room_size_estimation" in message and "\n" not in message
+
+
+def test_fill_answer_without_a_number_names_file_line_and_field(tmp_path, capsys):
+    val = [question("c1", "object_counting", "4"), question("c2", "object_counting", "four")]
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'qa_val.jsonl'}:2: field 'answer': no number in 'four'$"):
+        score_file(tmp_path, capsys, val, [])
 
 
 def test_empty_split_is_an_error_naming_the_file(tmp_path, capsys):
@@ -449,7 +481,7 @@ def test_compare_of_a_json_without_model_names_the_file_and_field(tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps({"counts": {}, "n_questions": 0}))
     with pytest.raises(ValueError, match=f"^{path}: field 'model' is missing"):
-        ev.run(ev.parse_args([f"--compare=a={path}"]))
+        ev.run(cli(f"--compare=a={path}"))
 
 
 def test_a_number_too_long_to_convert_scores_zero_and_is_noted(tmp_path, capsys):
@@ -472,5 +504,5 @@ def test_eval_json_that_is_not_utf8_names_file_and_line(tmp_path, capsys, option
     path.write_bytes(text.encode().replace(b"@", bad if isinstance(bad, bytes) else json.dumps(bad)[1:-1].encode()))
     line = text[:text.index("@")].count("\n") + 1
     with pytest.raises(ValueError) as err:
-        ev.run(ev.parse_args([f"--{option}=a={path}"]))
+        ev.run(cli(f"--{option}=a={path}"))
     assert str(err.value).startswith(f"{path}:{line}: not UTF-8") and "\n" not in str(err.value)

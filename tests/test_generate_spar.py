@@ -3,9 +3,12 @@ determinism, file formats and the real-scan source."""
 
 import json
 import math
+import dataclasses
 import os
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -403,6 +406,28 @@ def test_preview_png_shows_markers(generated):
     assert (pngs[0].with_suffix(".txt")).read_text().count("answer:") == 1
 
 
+def filtered_png(image, bpp):
+    """A PNG of uint8 RGB or uint16 gray whose rows use the filters none, sub, up, average, Paeth in turn, as
+    other writers (OpenCV, Pillow) choose them: the encoder side of the PNG spec, written independently."""
+    height, depth, color = image.shape[0], (16 if image.dtype == np.uint16 else 8), (0 if image.ndim == 2 else 2)
+    rows = (image.astype(">u2") if depth == 16 else image).tobytes()
+    stride, raw, prev = len(rows) // height, b"", [0] * (len(rows) // height)
+    for r in range(height):
+        line, kind, out = list(rows[r * stride:(r + 1) * stride]), r % 5, []
+        for i, x in enumerate(line):
+            left, up, up_left = (line[i - bpp] if i >= bpp else 0), prev[i], (prev[i - bpp] if i >= bpp else 0)
+            p = left + up - up_left
+            paeth = min((abs(p - left), 0, left), (abs(p - up), 1, up), (abs(p - up_left), 2, up_left))[2]
+            out.append((x - [0, left, up, (left + up) // 2, paeth][kind]) & 255)
+        raw, prev = raw + bytes([kind] + out), line
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", image.shape[1], height, depth, color, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
 def test_png_round_trip_including_filters(tmp_path):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)
@@ -411,6 +436,12 @@ def test_png_round_trip_including_filters(tmp_path):
     depth = rng.integers(0, 65535, (5, 4)).astype(np.uint16)
     g.write_png(str(tmp_path / "d.png"), depth)
     assert np.array_equal(g.read_png(str(tmp_path / "d.png")), depth)
+    # every row filter, in 8-bit RGB and 16-bit gray (scanned depth)
+    rgb, depth = rng.integers(0, 256, (11, 9, 3), dtype=np.uint8), rng.integers(0, 65535, (10, 7)).astype(np.uint16)
+    (tmp_path / "fa.png").write_bytes(filtered_png(rgb, 3))
+    (tmp_path / "fd.png").write_bytes(filtered_png(depth, 2))
+    assert np.array_equal(g.read_png(str(tmp_path / "fa.png")), rgb)
+    assert np.array_equal(g.read_png(str(tmp_path / "fd.png")), depth)
 
 
 def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -480,3 +511,78 @@ def test_scan_errors_name_the_file_and_field(tmp_path):
     np.savetxt(tmp_path / "scan0" / "pose" / "001.txt", np.full((4, 4), np.nan))
     with pytest.raises(ValueError, match=r"pose/001.txt: pose"):
         g.read_matrix(str(tmp_path / "scan0" / "pose" / "001.txt"), "pose", (4, 4))
+
+
+# -----------------------------------------------------------------------------
+# the command line: parse_args, which every script uses
+
+
+@dataclasses.dataclass
+class Section:
+    dim: int = 64        # width of the model
+    dropout: float = 0.0
+    freeze: bool = False  # keep the weights fixed
+
+
+def test_help_lists_every_option_with_its_default_and_comment(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        g.parse_args(["--scenes=5", "--help"], g.GenConfig(), {"geo": Section()})
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(dataclasses.fields(g.GenConfig)) + 3
+    by_option = {line.split()[0]: line for line in lines}
+    assert by_option["--out=data/spar"].endswith("output directory")
+    assert by_option["--vocab_size=2048"].endswith("BPE vocabulary of tokenizer.json (0: do not train one)")
+    assert by_option["--bench=False"].endswith("print renderer frames/s per core and exit")
+    assert by_option["--seed=0"] == "  --seed=0"  # no comment, no trailing text
+    assert by_option["--geo.dim=64"].endswith("width of the model") and "--geo.dropout=0.0" in by_option
+    with pytest.raises(SystemExit) as exit_info:
+        g.parse_args(["-h"], Section())
+    assert exit_info.value.code == 0 and "keep the weights fixed" in capsys.readouterr().out
+
+
+def test_dotted_sections_set_their_config_in_place():
+    config, geo, vlm = g.GenConfig(), Section(), Section()
+    assert g.parse_args(["--res=32", "--geo.dim=96", "--vlm.freeze", "--geo.dropout=0.1"], config,
+                        {"geo": geo, "vlm": vlm}) is config
+    assert (config.res, geo.dim, geo.dropout, geo.freeze, vlm.dim, vlm.freeze) == (32, 96, 0.1, False, 64, True)
+    with pytest.raises(SystemExit, match=r"unknown argument '--lm.dim=3'; options: --out .* --geo\.\* --vlm\.\*$"):
+        g.parse_args(["--lm.dim=3"], config, {"geo": geo, "vlm": vlm})
+    with pytest.raises(SystemExit, match=r"unknown argument '--geo.depth=3'; options: --geo.dim --geo.dropout --geo.freeze$"):
+        g.parse_args(["--geo.depth=3"], config, {"geo": geo})
+    with pytest.raises(SystemExit, match=r"^--geo.dim: expected int, got 'x'$"):
+        g.parse_args(["--geo.dim=x"], config, {"geo": geo})
+    with pytest.raises(SystemExit, match=r"unknown argument '--geo.dim=3'; options: --out "):
+        g.parse_args(["--geo.dim=3"], config)  # no sections: a dotted option is unknown
+
+
+def test_bools_are_strict_and_empty_values_are_refused():
+    config = g.GenConfig()
+    for text, value in [("true", True), ("1", True), ("YES", True), ("false", False), ("0", False), ("no", False)]:
+        assert g.parse_args([f"--bench={text}"], config).bench is value
+    assert g.parse_args(["--bench"], config).bench is True and g.parse_args(["--preview"], config).preview == 1
+    for arg, message in [("--bench=ture", "--bench: expected true or false, got 'ture'"),
+                         ("--bench=", "--bench: expected true or false, got ''"),
+                         ("--res=", "--res: expected int, got nothing"),
+                         ("--numeric_select=", "--numeric_select: expected float, got nothing"),
+                         ("--res=3.5", "--res: expected int, got '3.5'"),
+                         ("--nope=1", "unknown argument '--nope=1'; options: --out --scenes"),
+                         ("res=3", "unknown argument 'res=3'; options: --out --scenes")]:
+        with pytest.raises(SystemExit) as exit_info:
+            g.parse_args([arg], g.GenConfig())
+        assert str(exit_info.value).startswith(message), (arg, str(exit_info.value))
+    assert g.parse_args(["--from_scans="], config).from_scans == ""  # an empty str is a value
+    assert g.parse_args(["--from-scans=x"], config).from_scans == "x"  # dashes or underscores
+
+
+def test_generate_spar_is_the_ground_floor(tmp_path):
+    """It imports no other project file, even when it trains the tokenizer."""
+    project = ["data", "model", "train", "vlm", "psfm", "eval", "bench"]
+    script = (f"import sys, generate_spar as g\n"
+              f"loaded = [m for m in {project} if m in sys.modules]\n"
+              f"g.generate(g.GenConfig(out={str(tmp_path)!r}, scenes=1, val_scenes=0, views=3, random_views=1, "
+              f"res=16, vocab_size=300))\n"
+              f"print(loaded, [m for m in {project} if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.splitlines()[-1] == "[] []"
+    assert (tmp_path / "tokenizer.json").exists() and g.SPECIAL_TOKENS[0] == "<|pad|>"

@@ -131,7 +131,7 @@ def test_a_second_process_on_the_same_out_is_refused_and_a_stale_lock_taken_over
 
 def test_nan_weights_are_never_committed(geo_ckpt, data_dir, tmp_path):
     folder = copy(geo_ckpt, tmp_path)
-    checkpoint = ("model.safetensors", "optimizer.safetensors", "train_state.json", "config.json")
+    checkpoint = ("model.safetensors", "state.safetensors", "train_state.json", "config.json")
     before = {name: open(os.path.join(folder, name), "rb").read() for name in checkpoint}
     message = refused(["--stage=geo", f"--data={data_dir}", f"--out={folder}", "--resume", "--lr=nan"]
                       + TINY + ["--steps=4", "--save_every=1", "--log_every=10"])
@@ -142,11 +142,11 @@ def test_nan_weights_are_never_committed(geo_ckpt, data_dir, tmp_path):
 
 
 def test_a_non_finite_loss_names_its_step_and_batch():
-    window = train.Window(torch.device("cpu"))
-    window.add(torch.tensor(1.0), {}, 2, step=4, batch={"scene": ["scene00001", "scene00002"]})
-    window.add(torch.tensor(math.inf), {}, 2, step=5, batch={"ids": ["q7", "q8"]})
+    log = train.Log("", rank=1, start=0, device=torch.device("cpu"))  # not rank 0: writes nothing
+    log.add(torch.tensor(1.0), {}, 2, step=4, batch={"scene": ["scene00001", "scene00002"]})
+    log.add(torch.tensor(math.inf), {}, 2, step=5, batch={"ids": ["q7", "q8"]})
     with pytest.raises(ValueError, match=r"geo: the loss is not finite at step 6 \(batch: q7, q8\)"):
-        window.check_finite("geo", world=1)
+        log.check_finite("geo", world=1)
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
@@ -184,7 +184,7 @@ def test_sigterm_to_the_process_group_with_workers_saves(data_dir, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1 and "stopped by SIGTERM at geo step" in stderr, stderr[-2000:]
     assert json.load(open(os.path.join(out, "train_state.json")))["step"] % 3 == 0
-    train.load_geo_checkpoint(out)
+    train.load_geo(out)
 
 
 STOPPED_AFTER_SECOND_SAVE = """

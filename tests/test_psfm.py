@@ -26,6 +26,12 @@ def rigid(seed):
 
 # ----------------------------------------------------------------------------- rays
 
+def with_context(batch, seed, mask_ratio=0.5):
+    """The batch with its context views drawn by a seeded generator, as data.SceneViewsDataset draws them."""
+    B, V = batch["images"].shape[:2]
+    return {**batch, "context": sample_context(B, V, mask_ratio, torch.Generator().manual_seed(seed))}
+
+
 def test_plucker_rays_hand_case():
     K = torch.tensor([[16.0, 0, 16], [0, 16, 16], [0, 0, 1]])
     pose = look_pose([1.0, 2.0, 3.0], 0.0)  # looking along world +x: right = -y, down = -z
@@ -119,9 +125,9 @@ def test_encode_takes_no_poses_and_the_latent_ignores_them():
     batch = synthetic_batch()
     latents = []
     psfm.encoder.register_forward_hook(lambda module, args, out: latents.append(out))
-    loss, _ = psfm(batch, torch.Generator().manual_seed(0))
+    loss, _ = psfm(with_context(batch, 0))
     moved = dict(batch, pose=batch["pose"] @ torch.stack([rigid(s) for s in range(8)]).view(2, 4, 4, 4))
-    moved_loss, _ = psfm(moved, torch.Generator().manual_seed(0))
+    moved_loss, _ = psfm(with_context(moved, 0))
     assert torch.equal(latents[0], latents[1])
     assert moved_loss != loss  # the query rays did use the changed poses
 
@@ -209,7 +215,7 @@ def test_bf16_autocast_prope_feeds_attention_one_dtype():
 
 def test_depth_probe_sends_no_gradient_into_the_decoder():
     psfm = tiny_psfm()
-    terms = psfm.losses(synthetic_batch(), torch.Generator().manual_seed(0))
+    terms = psfm.losses(with_context(synthetic_batch(), 0))
     terms["depth_probe"].backward(retain_graph=True)
     assert all(p.grad is None for p in [*psfm.decoder.parameters(), *psfm.encoder.parameters()])
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in psfm.depth_probe.parameters())
@@ -258,8 +264,8 @@ def test_reference_preset_is_the_papers_size():
 
 def test_same_seed_same_first_losses():
     batch = synthetic_batch()
-    first = tiny_psfm(seed=7)(batch, torch.Generator().manual_seed(3))[1]
-    again = tiny_psfm(seed=7)(batch, torch.Generator().manual_seed(3))[1]
+    first = tiny_psfm(seed=7)(with_context(batch, 3))[1]
+    again = tiny_psfm(seed=7)(with_context(batch, 3))[1]
     assert first == again
 
 
@@ -267,11 +273,11 @@ def psfm_overfit(camera_attention, steps=150):
     backbone, _ = trained_backbone()
     torch.manual_seed(0)
     psfm = PSFM(Spa3RConfig(camera_attention=camera_attention), backbone)
-    batch, generator = synthetic_batch(), torch.Generator().manual_seed(0)
+    batch = with_context(synthetic_batch(), 0)
     opt = torch.optim.AdamW([p for p in psfm.parameters() if p.requires_grad], lr=2e-3)
     losses = []
     for _ in range(steps):
-        loss, _ = psfm(batch, generator)
+        loss, _ = psfm(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -291,15 +297,15 @@ def test_context_pass_is_what_the_losses_use_and_gates_see_camera_use():
     """The gates' 'cameras of another sample' baseline ties exactly when the decoder cannot see its rays."""
     import train
     batch = synthetic_batch()
-    batch = {k: torch.cat([v] * 4) for k, v in batch.items()}  # 8 samples: one gate batch
+    batch = with_context({k: torch.cat([v] * 4) for k, v in batch.items()}, 0)  # 8 samples: one gate batch
     model = tiny_psfm(pose_source="gt").eval()
-    context, targets, latent, K, pose = model.context_pass(batch, torch.Generator().manual_seed(0))
+    context, targets, latent, K, pose = model.context_pass(batch)
     assert context[:, 0].all() and context.sum(1).eq(2).all() and torch.equal(K, batch["K"])
     assert torch.allclose(pose, relative_to_view0(batch["pose"]))
-    rows = train.psfm_gates(model, [batch], seed=0, num_views=4)
+    rows = train.psfm_gates(model, [batch])
     assert [r["baseline_name"] for r in rows] == ["cameras of another sample", "mean token", "per-position mean depth"]
     assert rows[0]["diff"] != 0
     with torch.no_grad():
         model.decoder.ray_embed.fc1.weight.zero_()  # every ray token the same: cameras cannot matter
-    rows = train.psfm_gates(model, [batch], seed=0, num_views=4)
+    rows = train.psfm_gates(model, [batch])
     assert rows[0]["diff"] == 0 and not rows[0]["pass"]

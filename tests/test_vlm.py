@@ -1,9 +1,10 @@
-"""Tests for vlm.py: the decoder LM (causality, padding, KV cache, sampling), visual tokens, the Spa3R adapter,
+"""Tests for vlm.py: the decoder LM (causality, padding, KV cache), visual tokens, the Spa3R adapter,
 the chat template and its targets, batching, checkpoints, Llama loading, FLOPs, and overfitting 8 QA pairs."""
 import json
 import math
 import os
 import tempfile
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
 
 import vlm
-from data import train_tokenizer
+from generate_spar import train_tokenizer
 from test_model import count_flops, watched_sdpa
 from vlm import (IGNORE, LM, LMConfig, SpaVLM, VLMConfig, chat_tokens, collate, flops_per_sample, load_for_eval,
                  load_llama, pixel_shuffle, prompt_batch, rotary, apply_rotary)
@@ -139,21 +140,6 @@ def test_generation_stops_at_the_stop_token_and_caps_length():
     assert out[0] == free[0][:free[0].index(stop)]
     assert out[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
     assert [len(r) for r in lm.generate(x, valid, 3, stop_id=-1)] == [3, 3]
-
-
-def test_temperature_sampling_follows_the_softmax_and_is_seeded():
-    lm = tiny_lm(vocab_size=6)
-    x, valid = left_padded_prompts(lm, [4])
-    logits = lm(x, valid)[0, -1]
-    for temperature in (0.5, 2.0):
-        draws = 4000
-        out = lm.generate(x.expand(draws, -1, -1), valid.expand(draws, -1), 1, -1, temperature,
-                          torch.Generator().manual_seed(0))
-        freq = torch.bincount(torch.tensor(out).flatten(), minlength=6).float() / draws
-        assert (freq - F.softmax(logits / temperature, -1)).abs().max() < 0.03
-    x, valid = left_padded_prompts(lm, [4, 2])
-    draw = lambda seed: lm.generate(x, valid, 8, -1, 1.0, torch.Generator().manual_seed(seed))  # noqa: E731
-    assert draw(5) == draw(5) and draw(5) != draw(6)
 
 
 def test_reference_presets_are_the_stated_sizes():
@@ -327,8 +313,9 @@ def test_bf16_autocast_feeds_attention_one_dtype_and_generates():
 def test_save_and_load_for_eval_round_trip(tmp_path):
     model = tiny_vlm()
     torch.nn.init.normal_(model.adapter.bottleneck.fc2.weight, std=0.5)
-    vlm.save(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    save_file(model.state_dict(), tmp_path / "model.safetensors")  # what train.py writes for stage vlm
+    (tmp_path / "config.json").write_text(json.dumps(asdict(model.config)))
+    model.tokenizer.save(str(tmp_path / "tokenizer.json"))
     loaded = load_for_eval(tmp_path, device="cpu")
     assert loaded.config == model.config
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
@@ -336,10 +323,10 @@ def test_save_and_load_for_eval_round_trip(tmp_path):
     images = [it["images"] for it in qa_items()[:3]]
     assert loaded.answer(records, images) == model.answer(records, images)
     os.remove(tmp_path / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+    with pytest.raises(ValueError, match="model.safetensors: file not found"):
         load_for_eval(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**json.loads((tmp_path / "config.json").read_text()), "lr": 1}))
-    with pytest.raises(ValueError, match="config.json: unknown field 'lr'"):
+    with pytest.raises(ValueError, match="config.json: .*'lr'"):
         load_for_eval(tmp_path)
 
 
