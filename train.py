@@ -640,7 +640,7 @@ class Log:
         *sums, weight = all_reduce_sum(local, world).tolist()
         return {"sums": dict(zip(self.sums, sums)), "weight": weight}
 
-    def train_line(self, cfg, step, world, grad_norm, peak):
+    def train_line(self, cfg, step, world, grad_norm, peak, lr):
         """The window's means over all ranks as a log line and a metrics record -> whether any rank got SIGTERM."""
         local = torch.stack([*self.sums.values()]).double()
         extra = torch.tensor([self.weight, self.tokens, self.flops, SIGTERM["received"]], dtype=torch.float64,
@@ -652,7 +652,6 @@ class Log:
         samples_per_s, tokens_per_s = self.steps * cfg.batch_size / seconds, tokens / seconds if tokens else None
         mfu = flops / seconds / (peak * world) if peak else None  # unknown device: no MFU rather than a wrong one
         eta = (cfg.steps - step) * seconds / self.steps
-        lr = lr_factor(step - 1, cfg) * (cfg.lr_lm if cfg.stage == "vlm" else cfg.lr)  # the lr the last step ran at
         terms = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
         self.line(f"{cfg.stage} step {step}/{cfg.steps} | loss {means['loss']:.4f} | {terms} | lr {lr:.2e} | "
                   f"grad {grad_norm:.3f} | {samples_per_s:.1f} samples/s"
@@ -1003,7 +1002,7 @@ def run_steps(cfg, stage, run, optimizer, log, start):
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             log.check_finite(cfg.stage, world)
-            stop = log.train_line(cfg, done, world, float(grad_norm), peak)
+            stop = log.train_line(cfg, done, world, float(grad_norm), peak, optimizer.param_groups[0]["lr"])
             if stop:  # every rank learnt it from the same all_reduce, so all stop at this step
                 save(done)
                 log.line(f"{cfg.stage}: SIGTERM: checkpoint of step {done} saved in {cfg.out}; --resume continues")
