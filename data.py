@@ -14,6 +14,7 @@ the scene store that serves frames as tensors, the two datasets -- SceneViewsDat
 """
 
 import json
+import math
 import os
 import re
 from collections import OrderedDict
@@ -68,10 +69,15 @@ def is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no frame index
 
 
-def is_numbers(value, count):
-    """A list of `count` finite numbers (a NaN point would be drawn as nothing while the question names it)."""
-    return (isinstance(value, list) and len(value) == count
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value))
+def is_numbers(value, count, low=-math.inf, high=math.inf):
+    """A list of `count` finite numbers in [low, high] (a NaN or off-grid marker point would be drawn as nothing
+    while the question names it)."""
+    def fine(v):
+        try:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and low <= float(v) <= high
+        except OverflowError:  # an int past float's range
+            return False
+    return isinstance(value, list) and len(value) == count and all(map(fine, value))
 
 
 def check_marker(marker, num_images, where):
@@ -80,12 +86,12 @@ def check_marker(marker, num_images, where):
         raise ValueError(f"{where}: field 'markers' holds {marker!r:.60}, not an object")
     if not (is_int(marker.get("image")) and 0 <= marker["image"] < num_images):
         raise ValueError(f"{where}: field 'markers.image' must be an image slot 0..{num_images - 1}, got {marker.get('image')!r}")
-    if not is_numbers(marker.get("point"), 2):
-        raise ValueError(f"{where}: field 'markers.point' must be two finite numbers, got {marker.get('point')!r:.60}")
+    if not is_numbers(marker.get("point"), 2, 0, 1000):
+        raise ValueError(f"{where}: field 'markers.point' must be two numbers on the 0-1000 grid, got {marker.get('point')!r:.60}")
     if not (isinstance(marker.get("color"), str) and marker["color"] in MARKER_RGB):
         raise ValueError(f"{where}: field 'markers.color' must be one of {', '.join(MARKER_RGB)}, got {marker.get('color')!r:.60}")
-    if "box" in marker and not is_numbers(marker["box"], 4):
-        raise ValueError(f"{where}: field 'markers.box' must be four finite numbers, got {marker['box']!r:.60}")
+    if "box" in marker and not is_numbers(marker["box"], 4, 0, 1000):
+        raise ValueError(f"{where}: field 'markers.box' must be four numbers on the 0-1000 grid, got {marker['box']!r:.60}")
 
 
 JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')  # a string in JSON text (it never spans lines)
@@ -104,6 +110,8 @@ def parse_json(raw, path, first_line=1):
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{first_line + error.lineno - 1}: not valid JSON ({error.msg})") from None
+    except ValueError as error:  # an integer of more digits than Python converts
+        raise ValueError(f"{path}:{first_line}: not usable JSON ({error})") from None
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -197,8 +205,14 @@ def check_scene(arrays, meta, tensor_path, meta_path):
         if not np.all(np.isfinite(arrays[key])):
             raise ValueError(f"{tensor_path}: tensor '{key}' holds non-finite values")
     check_rigid(arrays["pose"], tensor_path)
-    if not isinstance(meta, dict) or not isinstance(meta.get("objects"), list):
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: must be a JSON object, got a {type(meta).__name__}")
+    if not isinstance(meta.get("objects"), list):
         raise ValueError(f"{meta_path}: field 'objects' must be a list")
+    if meta.get("split") not in ("train", "val"):
+        raise ValueError(f"{meta_path}: field 'split' must be 'train' or 'val', got {meta.get('split')!r}")
+    if not (isinstance(meta.get("room"), dict) and is_numbers(meta["room"].get("size"), 3, 0)):
+        raise ValueError(f"{meta_path}: field 'room.size' must be three numbers (metres)")
     for i, obj in enumerate(meta["objects"]):
         if not (isinstance(obj, dict) and isinstance(obj.get("category"), str)):
             raise ValueError(f"{meta_path}: field 'objects[{i}].category' must be a string")
@@ -210,7 +224,7 @@ def check_scene(arrays, meta, tensor_path, meta_path):
         raise ValueError(f"{tensor_path}: tensor 'instance' holds ids {low}..{high}; allowed are "
                          f"{min(SHELL_IDS.values()) - 1}..-1 (room, unknown) and 0..{len(meta['objects']) - 1} (objects)")
     frames = meta.get("video_frames")
-    if not (isinstance(frames, int) and 1 <= frames <= views):
+    if not (is_int(frames) and 1 <= frames <= views):
         raise ValueError(f"{meta_path}: field 'video_frames' must be an integer in 1..{views}, got {frames!r}")
 
 
@@ -465,8 +479,8 @@ def load_checkpoint(folder, build):
     config = read_json(path)
     try:
         module = build(config)
-    except (TypeError, ValueError, KeyError) as error:
-        raise ValueError(f"{path}: {error}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as error:  # what a config of the wrong shape raises
+        raise ValueError(f"{path}: not a usable config ({type(error).__name__}: {error})") from None
     return load_weights(module, os.path.join(folder, "model.safetensors"))
 
 

@@ -438,6 +438,9 @@ def run(cfg, model=None, load_frames=None):
     if not records:  # else the report would be `overall: 0.00`, as if every answer were wrong
         raise ValueError(f"{os.path.join(cfg.data, f'qa_{cfg.split}.jsonl')}: no questions to score")
     if cfg.tasks:
+        unknown = [t for t in cfg.tasks.split(",") if t not in TASK_LEVEL]
+        if unknown:  # a misspelt task would be left out silently
+            raise ValueError(f"--tasks: unknown task {unknown[0]!r} (known: {', '.join(TASK_LEVEL)})")
         records = [r for r in records if r["task"] in cfg.tasks.split(",")]
         if not records:
             raise ValueError(f"{cfg.data}: no {cfg.split} questions of the tasks {cfg.tasks}")

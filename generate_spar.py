@@ -289,8 +289,7 @@ def free_floor_point(rng, scene, eye_height, margin=0.35):
 
 
 def sample_walk(rng, scene, frames, eye_height):
-    """An ordered walk through 3 free waypoints, looking where it goes with a slow sideways pan, as a person
-    filming a room does; in a room too crowded for a free path the person stands still and pans."""
+    """An ordered walk through 3 free waypoints with a slow sideways pan; in a crowded room, standing and panning."""
     for _ in range(30):  # a path whose every 5 cm stays off the furniture
         waypoints = np.stack([free_floor_point(rng, scene, eye_height) for _ in range(3)])
         path = np.concatenate([np.linspace(a, b, int(np.linalg.norm(b - a) / 0.05) + 2)
@@ -446,8 +445,7 @@ def texture_noise(x, y, z, cell=0.05):
 
 
 def render(scene, K, pose, height, width, with_room=True):
-    """Render one view: RGB uint8 (H, W, 3), z-depth float32 (H, W) in metres, instance int16 (H, W)
-    (object index, or a SHELL_IDS value; -4 where nothing is hit, which only happens with with_room=False)."""
+    """One view: RGB uint8 (H, W, 3), z-depth (H, W) metres, instance int16 (H, W): object, SHELL_IDS or -4 (none)."""
     origin = camera_center(pose).astype(np.float32)  # float32 throughout: a float64 scalar would promote arrays
     d = camera_rays(K, pose, height, width)  # (3, H, W)
     if with_room:
@@ -1420,7 +1418,9 @@ def generate(config):
     from tqdm import tqdm
     if not 1 <= config.views - config.random_views <= 32:
         raise SystemExit(f"--views={config.views} with --random_views={config.random_views}: the walk needs 1..32 frames")
-    os.makedirs(os.path.join(config.out, "scenes"), exist_ok=True)
+    if os.path.isdir(config.out) and os.listdir(config.out):  # an earlier set's scenes would mix with this one's
+        raise SystemExit(f"--out={config.out} is not empty: generate into a new or empty folder")
+    os.makedirs(os.path.join(config.out, "scenes"))
     jobs = scene_jobs(config)
     records = {"train": [], "val": []}
     if config.workers > 1:
@@ -1503,8 +1503,8 @@ BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no":
 
 def parse_args(argv, config, sections=None):
     """--key=value overrides of the dataclass `config`, set in place; returns `config`. Typed by the field: bools
-    are true|false|1|0|yes|no only (a misspelt --resume=ture must not mean false), a bare --flag is a true bool or
-    int 1, an empty value is an error unless a str. sections {name: dataclass}: --name.key=value sets that section's
+    are true|false|1|0|yes|no only (a misspelt --resume=ture must not mean false), a bare --flag is a true bool,
+    a missing or empty value is an error unless a str. sections {name: dataclass}: --name.key=value sets that section's
     field in place (callers read and re-validate their own section objects, e.g. with dataclasses.replace).
     --help or -h prints every option with its value and the # comment in the dataclass source, and exits."""
     sections = sections or {}
@@ -1524,8 +1524,8 @@ def parse_args(argv, config, sections=None):
             valid = " ".join(f"--{section}.{k}" for k in kinds) if kinds and dot else options
             raise SystemExit(f"unknown argument {arg!r}; options: {valid}")
         flag, kind = f"--{section}{dot}{key}", kinds[key]
-        if not equals and kind in (bool, int):
-            setattr(target, key, True if kind is bool else 1)
+        if not equals and kind is bool:
+            setattr(target, key, True)
         elif kind is bool:
             if value.lower() not in BOOLS:
                 raise SystemExit(f"{flag}: expected true or false, got {value!r}")

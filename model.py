@@ -65,6 +65,10 @@ def check_fields(config, where, positive=()):
         if isinstance(f.type, type) and not (isinstance(value, f.type) or f.type is float and isinstance(value, int)) \
                 or isinstance(value, bool) and f.type is not bool:
             raise ValueError(f"{where}: {name}.{f.name} must be {f.type.__name__}, got {value!r:.40}")
+    for f in fields(config):  # no model size, rate or ratio is negative, NaN or infinite
+        value = getattr(config, f.name)
+        if f.type in (int, float) and not 0 <= value < math.inf:
+            raise ValueError(f"{where}: {name}.{f.name} must be a finite number >= 0, got {value!r}")
     for size in positive:
         if getattr(config, size) < 1:
             raise ValueError(f"{where}: {name}.{size} must be at least 1, got {getattr(config, size)}")

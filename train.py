@@ -140,8 +140,11 @@ def stage_config(argv, stage, preset, all_stages):
     if stage == "psfm" and cfg.num_views < 2:
         raise SystemExit(f"--num_views must be at least 2 for stage psfm (context and masked views), got {cfg.num_views}")
     for name in ("out", "data"):
-        if os.path.exists(getattr(cfg, name)) and not os.path.isdir(getattr(cfg, name)):
-            raise SystemExit(f"--{name}={getattr(cfg, name)} is a file, not a folder")
+        folder = os.path.abspath(getattr(cfg, name))
+        while not os.path.exists(folder):  # the first part of the path that exists must be a folder
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise SystemExit(f"--{name}={getattr(cfg, name)}: {folder} is a file, not a folder")
     return cfg, models
 
 
@@ -177,7 +180,8 @@ def all_reduce_sum(tensor, world):
     return tensor
 
 
-# Schedulers and torchrun send SIGTERM before they kill: training then saves at its next log step and stops.
+# Schedulers and torchrun send SIGTERM before they kill: training saves and stops at its next step (one process)
+# or next log step (DDP: the ranks learn it together from that step's all_reduce).
 SIGTERM = {"received": False}
 
 
@@ -427,12 +431,12 @@ def save_checkpoint(out, write_files):
         for name in os.listdir(staging):  # on the disk before the switch, not only in the page cache
             with open(os.path.join(staging, name), "rb") as f:
                 os.fsync(f.fileno())
-    except OSError as error:
-        if error.errno != errno.ENOSPC:
+    except Exception as error:  # safetensors reports a full disk as its own error type, with the OS's words
+        if getattr(error, "errno", None) != errno.ENOSPC and "No space left" not in str(error):
             raise
         written = sorted(os.listdir(staging), key=lambda n: os.path.getmtime(os.path.join(staging, n)))
         shutil.rmtree(staging, ignore_errors=True)
-        name = os.path.basename(error.filename or (written[-1] if written else "the first file"))
+        name = os.path.basename(getattr(error, "filename", None) or (written[-1] if written else "the first file"))
         raise ValueError(f"{out}: no space left while writing {name}; the previous checkpoint is intact") from None
     os.replace(staging, os.path.join(out, COMMIT))
     finish_commit(out)
@@ -498,7 +502,7 @@ def check_finite_state(model, optimizer, when, out):
                 for v in state.values() if torch.is_tensor(v)]
     for name, tensor in tensors:
         if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{when}: {name} is not finite; not saved, the previous checkpoint in {out} is kept")
+            raise ValueError(f"{when}: {name} is not finite; not saved: {out} keeps what it held")
 
 
 SAME_ON_RESUME = ("batch_size", "seed", "num_views", "samples_per_scene", "view_sampling", "spa3r")  # the sample stream and the model
@@ -508,7 +512,9 @@ def load_checkpoint(cfg, stage, optimizer, device):
     """Restore weights, AdamW and RNG from cfg.out -> train_state.json's contents (its "step" is where to continue)."""
     state_path = os.path.join(cfg.out, "train_state.json")
     saved = data.read_json(state_path)
-    for name, kind in {"step": int, "config": dict, "data": dict}.items():
+    if not isinstance(saved, dict):
+        raise ValueError(f"{state_path}: must be a JSON object")
+    for name, kind in {"step": int, "config": dict, "data": dict, "unlogged": dict}.items():
         if not isinstance(saved.get(name), kind):
             raise ValueError(f"{state_path}: field '{name}' must be {kind.__name__}, got {saved.get(name)!r:.40}")
     for name in SAME_ON_RESUME:
@@ -521,31 +527,41 @@ def load_checkpoint(cfg, stage, optimizer, device):
 
 
 @contextmanager
-def out_lock(out, rank):
+def out_lock(out, rank, world, device):
     """One training process per --out (two would overwrite each other's checkpoints): rank 0 holds out/train.lock,
-    which names its host and pid; a lock left by a process that is gone (kill -9) is taken over."""
-    if rank:
+    which names its host and pid; a lock left by a process that is gone (kill -9) is taken over. Every rank
+    learns a refusal, so none runs on alone."""
+    path, refusal = os.path.join(out, "train.lock"), None
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        refusal = take_lock(path)
+    if all_reduce_sum(torch.tensor([float(refusal is not None)], device=device), world).item():
+        raise ValueError(refusal or f"{out}: rank 0 could not take {path}")
+    try:
         yield
-        return
-    os.makedirs(out, exist_ok=True)
-    path, me = os.path.join(out, "train.lock"), f"{socket.gethostname()} {os.getpid()}"
+    finally:
+        if rank == 0:
+            os.remove(path)
+
+
+def take_lock(path):
+    """-> None once out/train.lock is ours, else why not."""
+    me = f"{socket.gethostname()} {os.getpid()}"
     while True:
         try:
             with open(path, "x") as f:
                 f.write(me)
-            break
+            return None
         except FileExistsError:
-            with open(path) as f:
-                owner = f.read()
+            try:
+                with open(path) as f:
+                    owner = f.read().strip()
+            except OSError:
+                return f"{path}: not a lock file; delete it"
             host, _, pid = owner.partition(" ")
             if not (host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))):
-                raise ValueError(f"{out}: another train.py ({owner or 'unknown'}) is training into it; "
-                                 f"if it is gone, delete {path}") from None
+                return f"{os.path.dirname(path)}: another train.py ({owner or 'unknown'}) is training into it; if it is gone, delete {path}"
             os.remove(path)  # stale
-    try:
-        yield
-    finally:
-        os.remove(path)
 
 
 def process_alive(pid):
@@ -591,15 +607,18 @@ class Log:
         os.makedirs(out, exist_ok=True)
         kept = []
         if start and os.path.exists(self.metrics_path):
-            with open(self.metrics_path, encoding="utf-8") as f:
+            with open(self.metrics_path, encoding="utf-8", errors="replace") as f:  # a bad line is dropped
                 kept = [line for line in f if is_record_before(line, start)]
         with open(self.metrics_path, "w", encoding="utf-8") as f:
             f.write("".join(kept))
         if not start:
             open(self.text_path, "w").close()
-        if unlogged and unlogged["sums"]:  # the loss sums of the steps between the last log line and the checkpoint
-            self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in unlogged["sums"].items()}
-            self.weight = unlogged["weight"]
+        if unlogged and unlogged.get("sums"):  # the loss sums of the steps between the last log line and the save
+            try:
+                self.sums = {k: torch.tensor(float(v), device=device) for k, v in unlogged["sums"].items()}
+                self.weight = float(unlogged["weight"])
+            except (TypeError, ValueError, KeyError, AttributeError):
+                raise ValueError(f"{os.path.join(out, 'train_state.json')}: field 'unlogged' is malformed") from None
 
     def line(self, text):
         if self.enabled:
@@ -945,10 +964,12 @@ def train_stage(cfg, models, rank, world, device):
         for folder in (cfg.out, cfg.init_geo, cfg.init_spa3r):
             finish_commit(folder)
     barrier(world)
-    if not cfg.resume and not cfg.overwrite and os.path.exists(os.path.join(cfg.out, "train_state.json")):
-        raise ValueError(f"{cfg.out}: holds a checkpoint; --resume continues it, --overwrite starts over "
+    held = [name for name in ("train_state.json", "model.safetensors") if os.path.exists(os.path.join(cfg.out, name))]
+    if held and not cfg.overwrite and not (cfg.resume and "train_state.json" in held):
+        what = "a checkpoint" if "train_state.json" in held else "a model but no train_state.json to resume from"
+        raise ValueError(f"{cfg.out}: holds {what}; --resume continues a checkpoint, --overwrite starts over "
                          "(its first save replaces it)")
-    with out_lock(cfg.out, rank):
+    with out_lock(cfg.out, rank, world, device):
         stage = BUILDERS[cfg.stage](cfg, models)
         for split, dataset in (("training", stage.train_set), ("held-out", stage.val_set)):
             if len(dataset) == 0 and (split == "training" or cfg.eval_every):
@@ -1000,7 +1021,7 @@ def run_steps(cfg, stage, run, optimizer, log, start):
         grad_norm = train_step(stage, runner, optimizer, [next(batches) for _ in range(run.accum)], step, cfg, run, log)
         bar.update()
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if done % cfg.log_every == 0 or done == cfg.steps or (world == 1 and SIGTERM["received"]):
             log.check_finite(cfg.stage, world)
             stop = log.train_line(cfg, done, world, float(grad_norm), peak, optimizer.param_groups[0]["lr"])
             if stop:  # every rank learnt it from the same all_reduce, so all stop at this step
@@ -1009,6 +1030,8 @@ def run_steps(cfg, stage, run, optimizer, log, start):
                 barrier(world)
                 raise SystemExit(f"train.py: stopped by SIGTERM at {cfg.stage} step {done}")
         started = time.time()
+        if done % cfg.save_every == 0 or done == cfg.steps:  # before validation: a failing gate loses nothing
+            save(done)
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
             val = validate(stage, cfg, run)
             log.line(f"{cfg.stage} step {done}/{cfg.steps} | val loss {val['loss']:.4f} | "
@@ -1019,8 +1042,6 @@ def run_steps(cfg, stage, run, optimizer, log, start):
                 for row in rows:
                     log.line(f"{cfg.stage} step {done}/{cfg.steps} | {gate_text(row)}")
                 log.metrics({"step": done, "split": "gates", "gates": rows})
-        if done % cfg.save_every == 0 or done == cfg.steps:
-            save(done)
         log.paused += time.time() - started  # validation and checkpoints do not count against throughput
     bar.close()
     log.line(f"{cfg.stage}: done, checkpoint in {cfg.out}")

@@ -560,7 +560,7 @@ def test_bools_are_strict_and_empty_values_are_refused():
     config = g.GenConfig()
     for text, value in [("true", True), ("1", True), ("YES", True), ("false", False), ("0", False), ("no", False)]:
         assert g.parse_args([f"--bench={text}"], config).bench is value
-    assert g.parse_args(["--bench"], config).bench is True and g.parse_args(["--preview"], config).preview == 1
+    assert g.parse_args(["--bench"], config).bench is True and g.parse_args(["--preview=1"], config).preview == 1
     for arg, message in [("--bench=ture", "--bench: expected true or false, got 'ture'"),
                          ("--bench=", "--bench: expected true or false, got ''"),
                          ("--res=", "--res: expected int, got nothing"),

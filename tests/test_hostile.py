@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -60,6 +59,7 @@ def copy(folder, tmp_path, name="copy"):
     ("--resume=ture", "--resume: expected true or false, got 'ture'"),
     ("--steps=", "--steps: expected int, got nothing"),
     ("--num_views=0", "--num_views must be at least 1"),
+    ("--steps", "--steps: expected int, got nothing"),
     ("--device=tpu", "--device=tpu: not available"),
 ])
 def test_bad_flags_are_refused_in_one_line(data_dir, tmp_path, flag, expected):
@@ -82,7 +82,8 @@ def test_out_or_data_that_is_a_file_is_refused(data_dir, tmp_path, flag):
     path = tmp_path / "a_file"
     path.write_text("not a folder")
     args = {"out": f"--out={tmp_path / 'o'}", "data": f"--data={data_dir}"} | {flag: f"--{flag}={path}"}
-    assert f"--{flag}={path} is a file" in refused(["--stage=geo", *args.values()] + TINY)
+    message = refused(["--stage=geo", *args.values()] + TINY)
+    assert f"--{flag}={path}: {path} is a file, not a folder" in message
     assert path.read_text() == "not a folder"
 
 
@@ -107,10 +108,59 @@ def test_a_finished_checkpoint_is_not_overwritten_without_resume_or_overwrite(ge
     folder = copy(geo_ckpt, tmp_path)
     before = open(os.path.join(folder, "model.safetensors"), "rb").read()
     message = refused(["--stage=geo", f"--data={data_dir}", f"--out={folder}"] + TINY)
-    assert f"{folder}: holds a checkpoint; --resume continues it, --overwrite starts over" in message
+    assert f"{folder}: holds a checkpoint; --resume continues a checkpoint, --overwrite starts over" in message
     assert open(os.path.join(folder, "model.safetensors"), "rb").read() == before
     train.main(["--stage=geo", f"--data={data_dir}", f"--out={folder}", "--overwrite", "--seed=1"] + TINY)
     assert open(os.path.join(folder, "model.safetensors"), "rb").read() != before  # started over, as asked
+
+
+def test_a_model_without_train_state_is_not_overwritten(geo_ckpt, data_dir, tmp_path):
+    folder = str(tmp_path / "m")
+    os.makedirs(folder)
+    for name in ("model.safetensors", "config.json"):  # a model someone copied in, no train_state.json
+        shutil.copy(os.path.join(geo_ckpt, name), folder)
+    before = open(os.path.join(folder, "model.safetensors"), "rb").read()
+    for resume in ([], ["--resume"]):
+        message = refused(["--stage=geo", f"--data={data_dir}", f"--out={folder}"] + TINY + resume)
+        assert "holds a model but no train_state.json" in message
+    assert open(os.path.join(folder, "model.safetensors"), "rb").read() == before
+
+
+def test_a_failing_validation_loses_no_checkpoint(data_dir, tmp_path, monkeypatch):
+    def broken(stage, cfg, run):
+        raise ValueError("a gate failed")
+    monkeypatch.setattr(train, "stage_gates", broken)
+    out = str(tmp_path / "g")
+    assert "a gate failed" in refused(["--stage=geo", f"--data={data_dir}", f"--out={out}"] + TINY + ["--eval_every=2"])
+    assert json.load(open(os.path.join(out, "train_state.json")))["step"] == 2  # saved before validating
+
+
+def test_a_lock_that_is_a_folder_is_one_line(data_dir, tmp_path):
+    (tmp_path / "g" / "train.lock").mkdir(parents=True)
+    assert "train.lock: not a lock file" in refused(["--stage=geo", f"--data={data_dir}", f"--out={tmp_path / 'g'}"] + TINY)
+
+
+def test_resume_with_a_corrupt_metrics_line_drops_it(geo_ckpt, data_dir, tmp_path):
+    folder = copy(geo_ckpt, tmp_path)
+    with open(os.path.join(folder, "metrics.jsonl"), "ab") as f:
+        f.write(b"\xff\xfe not a record\n")
+    train.main(["--stage=geo", f"--data={data_dir}", f"--out={folder}", "--resume"] + TINY + ["--steps=3"])
+    steps = [r["step"] for r in map(json.loads, open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8"))]
+    assert steps == [1, 2, 3]
+
+
+def test_out_below_a_file_is_refused(data_dir, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    for args in (["--stage=geo", f"--out={tmp_path / 'a_file' / 'sub'}"], [f"--out={tmp_path / 'a_file'}"]):
+        assert "is a file, not a folder" in refused([f"--data={data_dir}"] + TINY + args)
+
+
+def test_generating_into_a_folder_with_data_is_refused(data_dir, tmp_path):
+    folder = copy(data_dir, tmp_path)
+    before = sorted(os.listdir(os.path.join(folder, "scenes")))
+    with pytest.raises(SystemExit, match="is not empty"):
+        g.generate(g.GenConfig(out=folder, scenes=1, val_scenes=1, views=6, random_views=2, res=16))
+    assert sorted(os.listdir(os.path.join(folder, "scenes"))) == before
 
 
 def test_a_second_process_on_the_same_out_is_refused_and_a_stale_lock_taken_over(data_dir, tmp_path):
@@ -168,6 +218,16 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     assert all(open(os.path.join(out, n)).read() == "old" for n in os.listdir(out))
 
 
+def test_disk_full_reported_by_safetensors_is_named_too(tmp_path):
+    def files(folder):
+        open(os.path.join(folder, "model.safetensors"), "w").write("half")
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                           "\"No space left on device\" })")  # what safetensors raises
+    with pytest.raises(ValueError, match="no space left while writing model.safetensors; the previous checkpoint"):
+        train.save_checkpoint(str(tmp_path), files)
+    assert os.listdir(tmp_path) == []
+
+
 def test_sigterm_to_the_process_group_with_workers_saves(data_dir, tmp_path):
     out = str(tmp_path / "g")
     args = [sys.executable, "train.py", "--stage=geo", f"--data={data_dir}", f"--out={out}", "--preset=tiny",
@@ -183,7 +243,8 @@ def test_sigterm_to_the_process_group_with_workers_saves(data_dir, tmp_path):
     os.killpg(process.pid, signal.SIGTERM)  # what SLURM and torchrun send: the whole group, workers included
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1 and "stopped by SIGTERM at geo step" in stderr, stderr[-2000:]
-    assert json.load(open(os.path.join(out, "train_state.json")))["step"] % 3 == 0
+    step = json.load(open(os.path.join(out, "train_state.json")))["step"]  # one process: the very next step
+    assert step == json.loads(open(metrics).read().splitlines()[-1])["step"] < 100000
     train.load_geo(out)
 
 
@@ -234,6 +295,24 @@ def test_init_config_with_a_wrong_value_names_file_and_field(geo_ckpt, data_dir,
     assert path in message and expected in message
 
 
+@pytest.mark.parametrize("config, expected", [([1], "not a usable config"),
+                                              ({"geo": {}, "psfm": 5}, "not a usable config"),
+                                              ({"geo": {"mlp_ratio": math.nan}, "psfm": {}}, "mlp_ratio must be a finite"),
+                                              ({"geo": {"num_registers": -1}, "psfm": {}}, "num_registers must be a finite")])
+def test_a_psfm_config_of_the_wrong_shape_is_one_line(config, expected, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as error:
+        train.load_psfm(str(tmp_path))
+    assert str(error.value).startswith(str(tmp_path / "config.json")) and expected in str(error.value)
+
+
+def test_eval_refuses_a_misspelt_task(data_dir):
+    import eval as ev
+    with pytest.raises(ValueError, match="--tasks: unknown task 'depth_predicton_oc_mv'"):
+        ev.run(g.parse_args([f"--data={data_dir}", "--predictions=x.jsonl", "--tasks=depth_prediction_oc,depth_predicton_oc_mv"],
+                            ev.EvalConfig()))
+
+
 # ----------------------------------------------------------------------------- scenes
 
 def scene_files(data_dir, tmp_path):
@@ -268,8 +347,9 @@ def wrong_object(meta):
 
 
 SCENE_ATTACKS = {  # name: (file it corrupts, how, the words the error must hold)
-    "scene json is a list": ("json", lambda p: json.dump([1, 2], open(p, "w")), "field 'split'"),
+    "scene json is a list": ("json", lambda p: json.dump([1, 2], open(p, "w")), "a list"),
     "split 'test'": ("json", lambda p: edit_json(p, lambda m: {**m, "split": "test"}), "field 'split' must be 'train' or 'val'"),
+    "no room": ("json", lambda p: edit_json(p, lambda m: {k: v for k, v in m.items() if k != "room"}), "field 'room.size'"),
     "object without category": ("json", lambda p: edit_json(p, wrong_object), "field 'objects[0].category'"),
     "truncated scene json": ("json", lambda p: open(p, "r+").truncate(40), "not valid JSON"),
     "non-UTF-8 scene json": ("json", lambda p: open(p, "ab").write(b"\xff"), "not UTF-8"),
@@ -280,16 +360,22 @@ SCENE_ATTACKS = {  # name: (file it corrupts, how, the words the error must hold
 }
 
 
+SPLIT_LISTING_SEES = {"scene json is a list", "split 'test'", "truncated scene json", "non-UTF-8 scene json",
+                      "lone surrogate in scene json"}
+
+
 @pytest.mark.parametrize("attack", SCENE_ATTACKS)
 def test_a_corrupt_scene_is_one_line_naming_file_and_field(data_dir, tmp_path, attack):
     kind, corrupt, expected = SCENE_ATTACKS[attack]
     folder, base = scene_files(data_dir, tmp_path)
     corrupt(f"{base}.{kind}")
-    with pytest.raises(ValueError) as error:  # both ways in: listing a split and loading the scene
-        data.scene_ids(folder, "train")
-        data.load_scene(base)
-    message = str(error.value)
-    assert "\n" not in message and f"{base}.{kind}" in message and expected in message, message
+    for read in (lambda: data.scene_ids(folder, "train"), lambda: data.load_scene(base)):  # every way in
+        if "scene_ids" in read.__code__.co_names and attack not in SPLIT_LISTING_SEES:
+            continue  # listing a split reads each json's split only
+        with pytest.raises(ValueError) as error:
+            read()
+        message = str(error.value)
+        assert "\n" not in message and f"{base}.{kind}" in message and expected in message, message
 
 
 # ----------------------------------------------------------------------------- QA records
@@ -318,6 +404,9 @@ QA_ATTACKS = {  # name: (the line, the words the error must hold)
     "absolute scene path": (record(scene="/etc/passwd"), "field 'scene'"),
     "scene outside the data folder": (record(scene="../../elsewhere/scene00000"), "field 'scene'"),
     "lone surrogate": (record(question="\ud800?"), "lone surrogate"),
+    "marker point off the grid": (record(markers=marker(point=[5000, -300])), "field 'markers.point'"),
+    "marker point a 400-digit number": (record(markers=marker(point=[10 ** 400, 3])), "field 'markers.point'"),
+    "a 5000-digit number": (record().replace('"low"', "9" * 5000), "not usable JSON"),
 }
 
 

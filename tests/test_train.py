@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import generate_spar
 import train
 import vlm
-from model import GeoBackbone, geo_loss
+from model import geo_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 steps of global batch 4 per stage; validation at the end on 6 held-out samples
@@ -204,7 +204,7 @@ def test_resuming_a_finished_stage_trains_nothing(single, data_dir, tmp_path):
     assert [r["step"] for r in metrics(folder) if r["split"] == "train"] == [1, 2, 3, 4]
 
 
-def test_sigterm_saves_at_the_next_log_step_and_stops(data_dir, tmp_path):
+def test_sigterm_saves_at_the_next_step_and_stops(data_dir, tmp_path):
     out = str(tmp_path / "geo")
     args = ["train.py", "--stage=geo", f"--data={data_dir}", f"--out={out}", "--steps=100000", "--log_every=3",
             "--save_every=100000", "--eval_every=0", "--device=cpu", "--batch_size=2"]
@@ -219,7 +219,7 @@ def test_sigterm_saves_at_the_next_log_step_and_stops(data_dir, tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1 and "stopped by SIGTERM at geo step" in stderr, stderr[-2000:]
     step = json.load(open(os.path.join(out, "train_state.json")))["step"]
-    assert step % 3 == 0 and step == metrics(out)[-1]["step"] < 100000
+    assert step == metrics(out)[-1]["step"] < 100000  # one process stops at the very next step, logged and saved
     train.load_geo(out)
 
 

@@ -8,7 +8,6 @@ from dataclasses import asdict
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
 
