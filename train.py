@@ -742,10 +742,13 @@ GATE_BATCH = 8  # held-out samples per forward pass of a gate (>= 2: "another sa
 def gate_row(name, model_errors, baseline_errors, baseline, shown=None):
     """One gate: per-sample errors (lower is better) of the model and its baseline on the same samples.
     shown = (model value, baseline value) to print instead of the mean errors (R² for the probes)."""
+    n = len(model_errors)
+    if not n:  # e.g. no record has a partner from another scene: nothing to compare, no pass
+        model_errors = baseline_errors = torch.full((1,), math.nan)
     diff, lo, hi = paired_bootstrap((model_errors - baseline_errors).tolist())
     model_value, baseline_value = shown or (float(model_errors.mean()), float(baseline_errors.mean()))
     return {"gate": name, "model": model_value, "baseline": baseline_value, "baseline_name": baseline,
-            "diff": diff, "lo": lo, "hi": hi, "n": len(model_errors), "pass": hi < 0}
+            "diff": diff, "lo": lo, "hi": hi, "n": n, "pass": hi < 0}
 
 
 def per_sample(errors, valid):

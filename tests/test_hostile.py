@@ -135,6 +135,11 @@ def test_a_failing_validation_loses_no_checkpoint(data_dir, tmp_path, monkeypatc
     assert json.load(open(os.path.join(out, "train_state.json")))["step"] == 2  # saved before validating
 
 
+def test_a_gate_with_nothing_to_compare_does_not_pass_or_crash():
+    row = train.gate_row("vlm: answer CE", torch.zeros(0), torch.zeros(0), "another scene's latent")
+    assert row["n"] == 0 and not row["pass"] and math.isnan(row["diff"])
+
+
 def test_a_lock_that_is_a_folder_is_one_line(data_dir, tmp_path):
     (tmp_path / "g" / "train.lock").mkdir(parents=True)
     assert "train.lock: not a lock file" in refused(["--stage=geo", f"--data={data_dir}", f"--out={tmp_path / 'g'}"] + TINY)
