@@ -7,10 +7,12 @@ data.py -- reading what generate_spar.py wrote, for training and evaluation.
     DATA/qa_{train,val}.jsonl      one question per line, SPAR-Bench field names
     DATA/tokenizer.json            byte-level BPE with the chat's special tokens
 
-Read top to bottom: validated loading of QA records and scenes (every error names the file and the field),
-the scene store that serves frames as tensors, the two datasets -- SceneViewsDataset for stages geo / psfm
-(views + cameras + depth + semantics of one scene) and QADataset for stage vlm (images + question + answer)
--- with their collate functions, and the tokenizer.
+    OUT/<stage>/config.json + model.safetensors   a checkpoint (train.py writes it)
+
+Every reader of the project lives here, and every error names the file and the field: JSON and JSONL, QA
+records, scenes and the scene store that serves frames as tensors; the datasets -- SceneViewsDataset for stages
+geo / psfm (views, cameras, depth, semantics, PSFM's view mask) and QADataset for stage vlm (images, question,
+answer); the oracle arm's true 3D tokens; checkpoints; the tokenizer.
 """
 
 import json
