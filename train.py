@@ -508,7 +508,7 @@ def check_finite_state(model, optimizer, when, out):
 SAME_ON_RESUME = ("batch_size", "seed", "num_views", "samples_per_scene", "view_sampling", "spa3r")  # the sample stream and the model
 
 
-def load_checkpoint(cfg, stage, optimizer, device):
+def resume(cfg, stage, optimizer, device):
     """Restore weights, AdamW and RNG from cfg.out -> train_state.json's contents (its "step" is where to continue)."""
     state_path = os.path.join(cfg.out, "train_state.json")
     saved = data.read_json(state_path)
@@ -987,7 +987,7 @@ def train_stage(cfg, models, rank, world, device):
         stage.model.to(device)
         optimizer = make_optimizer(stage.groups, device)
         resumed = cfg.resume and os.path.exists(os.path.join(cfg.out, "train_state.json"))
-        saved = load_checkpoint(cfg, stage, optimizer, device) if resumed else None
+        saved = resume(cfg, stage, optimizer, device) if resumed else None
         start = saved["step"] if saved else 0
         log = Log(cfg.out, rank, start, device, saved and saved.get("unlogged"))
         log_header(log, cfg, stage, run, saved)
