@@ -381,7 +381,7 @@ def hash_seed(*values):
 
 def collate_views(items):
     """Stack SceneViewsDataset items: images (B,V,3,H,W), depth (B,V,H,W), K (B,V,3,3), pose (B,V,4,4),
-    semantic (B,V,H,W); `scene` stays a list."""
+    semantic (B,V,H,W), views (B,V) and with a mask context (B,V); `scene` stays a list."""
     batch = {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "scene"}
     batch["scene"] = [item["scene"] for item in items]
     return batch

@@ -125,6 +125,8 @@ def stage_config(argv, stage, preset, all_stages):
         models = {name: replace(config) for name, config in models.items()}  # each config checks itself again
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    if not any(arg.startswith("--lm.vocab_size=") for arg in argv):
+        models["lm"].vocab_size = None  # build_vlm sizes it to the data's tokenizer
     root = (cfg.out or "out") if all_stages else "out"
     cfg.stage, cfg.preset = stage, preset
     cfg.out = os.path.join(root, stage) if all_stages else (cfg.out or os.path.join("out", stage))
@@ -355,6 +357,8 @@ def task_list(tasks):
 
 
 def build_vlm(cfg, models):
+    if models["vlm"].spa3r != "psfm":
+        raise SystemExit("--vlm.spa3r: use --spa3r=psfm|none|oracle (it also decides which checkpoint the VLM starts from)")
     tokenizer = data.load_tokenizer(os.path.join(cfg.data, "tokenizer.json"))
     start = None  # where the vision ViT (and Spa3R) start: the psfm checkpoint, else the geo backbone
     if cfg.spa3r == "psfm":
@@ -365,10 +369,8 @@ def build_vlm(cfg, models):
         geo_config, psfm_config = start.config, models["psfm"]
     else:
         geo_config, psfm_config = models["geo"], models["psfm"]
-    if models["vlm"].spa3r != "psfm":
-        raise SystemExit("--vlm.spa3r: use --spa3r=psfm|none|oracle (it also decides which checkpoint the VLM starts from)")
     lm_config = models["lm"]
-    if lm_config.vocab_size == MODEL_CONFIGS["lm"].tiny().vocab_size:  # the preset's: the data's tokenizer, in 64s
+    if lm_config.vocab_size is None:  # no --lm.vocab_size: the data's tokenizer decides, rounded up to 64s
         lm_config = replace(lm_config, vocab_size=64 * math.ceil(tokenizer.get_vocab_size() / 64))
     config = replace(models["vlm"], lm=lm_config, geo=geo_config, psfm=psfm_config, spa3r=cfg.spa3r)
     torch.manual_seed(cfg.seed)
@@ -482,9 +484,9 @@ def load_state(optimizer, path, device):
     params = [p for group in optimizer.param_groups for p in group["params"]]
     adamw = {}
     for name, value in tensors.items():
-        kind, index, key = name.split(".", 2) if name.startswith("state.") else (name, "-1", "")
-        if kind != "state":
+        if not name.startswith("state."):
             continue
+        _, index, key = name.split(".", 2)
         if not 0 <= int(index) < len(params) or (key != "step" and value.shape != params[int(index)].shape):
             raise ValueError(f"{path}: tensor '{name}' has shape {tuple(value.shape)}, the model needs "
                              f"{tuple(params[int(index)].shape) if 0 <= int(index) < len(params) else 'no such parameter'}")
@@ -521,6 +523,10 @@ def resume(cfg, stage, optimizer, device):
         if saved["config"].get(name) != getattr(cfg, name):
             raise ValueError(f"{state_path}: field 'config.{name}' is {saved['config'].get(name)!r}, this run has "
                              f"{getattr(cfg, name)!r}: resume with the same value")
+    config_path = os.path.join(cfg.out, "config.json")
+    if data.read_json(config_path) != json.loads(json.dumps(stage.config)):  # AdamW's state is matched by index
+        raise ValueError(f"{config_path}: the model config differs from this run's (--geo.*, --psfm.*, --lm.*, --vlm.*): "
+                         "resume with the same one")
     data.load_weights(stage.model, os.path.join(cfg.out, "model.safetensors"))
     load_state(optimizer, os.path.join(cfg.out, "state.safetensors"), device)
     return saved
@@ -872,7 +878,7 @@ def r2(errors, y):
 def probe_gates(model, train_batches, val_batches, rooms_of, seed):
     """Per probed quantity: held-out R² of the latent vs a randomly initialised encoder (the gate) and vs the
     ViT features (shown in the row's name)."""
-    with torch.random.fork_rng():  # the random encoder must not move the training RNG
+    with torch.random.fork_rng(devices=[]):  # the random encoder (made on the CPU) must not move the training RNG
         torch.manual_seed(seed + 1)
         random_encoder = Spa3REncoder(model.config, model.backbone.config.dim).to(next(model.parameters()).device)
         random_encoder.apply(init_weights)
@@ -964,7 +970,7 @@ def gate_text(row):
 def train_stage(cfg, models, rank, world, device):
     """Build the stage, continue from its checkpoint with --resume, run the remaining steps, save."""
     if rank == 0:  # a kill during a save may have left a commit half moved: complete it before anyone reads
-        for folder in (cfg.out, cfg.init_geo, cfg.init_spa3r):
+        for folder in (cfg.init_geo, cfg.init_spa3r):
             finish_commit(folder)
     barrier(world)
     held = [name for name in ("train_state.json", "model.safetensors") if os.path.exists(os.path.join(cfg.out, name))]
@@ -973,6 +979,9 @@ def train_stage(cfg, models, rank, world, device):
         raise ValueError(f"{cfg.out}: holds {what}; --resume continues a checkpoint, --overwrite starts over "
                          "(its first save replaces it)")
     with out_lock(cfg.out, rank, world, device):
+        if rank == 0:  # our own --out only once it is ours: a live run may be moving its commit
+            finish_commit(cfg.out)
+        barrier(world)
         stage = BUILDERS[cfg.stage](cfg, models)
         for split, dataset in (("training", stage.train_set), ("held-out", stage.val_set)):
             if len(dataset) == 0 and (split == "training" or cfg.eval_every):
@@ -1024,14 +1033,15 @@ def run_steps(cfg, stage, run, optimizer, log, start):
         grad_norm = train_step(stage, runner, optimizer, [next(batches) for _ in range(run.accum)], step, cfg, run, log)
         bar.update()
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps or (world == 1 and SIGTERM["received"]):
+        stop = world == 1 and SIGTERM["received"]  # one process: at once; DDP: at the log step's all_reduce
+        if done % cfg.log_every == 0 or done == cfg.steps:
             log.check_finite(cfg.stage, world)
             stop = log.train_line(cfg, done, world, float(grad_norm), peak, optimizer.param_groups[0]["lr"])
-            if stop:  # every rank learnt it from the same all_reduce, so all stop at this step
-                save(done)
-                log.line(f"{cfg.stage}: SIGTERM: checkpoint of step {done} saved in {cfg.out}; --resume continues")
-                barrier(world)
-                raise SystemExit(f"train.py: stopped by SIGTERM at {cfg.stage} step {done}")
+        if stop:  # every rank learnt it from the same all_reduce, so all stop at this step
+            save(done)
+            log.line(f"{cfg.stage}: SIGTERM: checkpoint of step {done} saved in {cfg.out}; --resume continues")
+            barrier(world)
+            raise SystemExit(f"train.py: stopped by SIGTERM at {cfg.stage} step {done}")
         started = time.time()
         if done % cfg.save_every == 0 or done == cfg.steps:  # before validation: a failing gate loses nothing
             save(done)

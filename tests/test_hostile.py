@@ -249,7 +249,7 @@ def test_sigterm_to_the_process_group_with_workers_saves(data_dir, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1 and "stopped by SIGTERM at geo step" in stderr, stderr[-2000:]
     step = json.load(open(os.path.join(out, "train_state.json")))["step"]  # one process: the very next step
-    assert step == json.loads(open(metrics).read().splitlines()[-1])["step"] < 100000
+    assert json.loads(open(metrics).read().splitlines()[-1])["step"] <= step < 100000
     train.load_geo(out)
 
 
@@ -284,6 +284,47 @@ def test_the_logged_curve_is_exact_when_saves_fall_between_log_steps(data_dir, t
         return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(folder, "metrics.jsonl")))]
     assert [step for step, _ in logged(whole)] == [3, 6]
     assert logged(cut) == logged(whole)  # step 6's line covers steps 4-6, 4 from before the kill
+
+
+SIGTERM_AT_STEP_4 = """
+import sys
+import train
+real = train.train_step
+def train_step(stage, runner, optimizer, micro, step, *rest):
+    result = real(stage, runner, optimizer, micro, step, *rest)
+    if step == 3:  # step 4 is done: not a log step (log_every=3)
+        train.SIGTERM["received"] = True
+    return result
+train.train_step = train_step
+train.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_between_log_steps_keeps_the_logged_curve_exact(data_dir, tmp_path):
+    args = ["--stage=geo", f"--data={data_dir}"] + TINY + ["--steps=6", "--log_every=3", "--save_every=100"]
+
+    def run(out, *extra, script=None):
+        launcher = ["-c", script] if script else ["train.py"]
+        return subprocess.run([sys.executable] + launcher + args + [f"--out={out}", *extra], cwd=REPO,
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    assert run(whole).returncode == 0
+    stopped = run(cut, script=SIGTERM_AT_STEP_4)
+    assert stopped.returncode == 1 and "stopped by SIGTERM at geo step 4" in stopped.stderr
+    assert run(cut, "--resume").returncode == 0
+    def logged(folder):
+        return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(folder, "metrics.jsonl")))]
+    assert logged(cut) == logged(whole)
+    assert load_file(os.path.join(cut, "model.safetensors")).keys() == load_file(os.path.join(whole, "model.safetensors")).keys()
+
+
+def test_an_explicit_vocab_size_is_kept_and_a_changed_model_refused_on_resume(geo_ckpt, data_dir, tmp_path):
+    cfg, models = train.stage_config(["--lm.vocab_size=2048"], "vlm", "tiny", all_stages=False)
+    assert models["lm"].vocab_size == 2048
+    assert train.stage_config([], "vlm", "tiny", all_stages=False)[1]["lm"].vocab_size is None  # the tokenizer's
+    folder = copy(geo_ckpt, tmp_path)
+    message = refused(["--stage=geo", f"--data={data_dir}", f"--out={folder}", "--resume", "--geo.vit_depth=3"] + TINY)
+    assert "config.json: the model config differs from this run's" in message
 
 
 # ----------------------------------------------------------------------------- init checkpoints
