@@ -171,6 +171,17 @@ def setup_processes(device_name):
     return rank, world, device
 
 
+@dataclass
+class Run:
+    """Where this process sits and how it splits the global batch."""
+    rank: int
+    world: int
+    device: torch.device
+    micro_batch: int   # samples per forward pass on this rank
+    accum: int         # micro-steps per optimizer step
+    autocast: object   # bf16 autocast on CUDA, else a null context
+
+
 def barrier(world):
     if world > 1:
         dist.barrier()
@@ -270,12 +281,12 @@ class Stage:
     train_set: torch.utils.data.Dataset
     val_set: torch.utils.data.Dataset
     collate: object
-    files: dict = None      # extra files of the checkpoint {name: text} (vlm: tokenizer.json)
-    loss: object = None     # the functions of stage_functions
-    weight: object = None
-    flops: object = None
-    gates: object = None
+    loss: object            # loss, weight, flops, gates, tokens: see stage_functions
+    weight: object
+    flops: object
+    gates: object
     tokens: object = lambda batch: 0
+    files: dict = None      # extra files of the checkpoint {name: text} (vlm: tokenizer.json)
 
 
 def param_groups(model, cfg):
@@ -697,17 +708,6 @@ def is_record_before(line, step):
 
 
 # ----------------------------------------------------------------------------- validation
-
-@dataclass
-class Run:
-    """Where this process sits and how it splits the global batch."""
-    rank: int
-    world: int
-    device: torch.device
-    micro_batch: int   # samples per forward pass on this rank
-    accum: int         # micro-steps per optimizer step
-    autocast: object   # bf16 autocast on CUDA, else a null context
-
 
 @torch.no_grad()
 def validate(stage, cfg, run):
