@@ -9,7 +9,7 @@ Reading order:
   ViT          one image -> register + patch tokens (the per-view encoder; vlm.py can reuse it alone)
   GeoBackbone  ViT on every view, then alternating frame-wise / global blocks; depth and camera heads
   geo_loss     the stage-`geo` objective
-  param_count, flops_per_sample   for MFU
+  block_flops, flops_per_sample   for MFU
 
 GeoBackbone(config)(images) returns per view "tokens" (B, V, N, D), the "geo" feature field PSFM predicts,
 "log_depth", "pose" (camera-to-view-0, view 0 exactly the identity), "log_focal" and "K"; see its forward.
@@ -346,10 +346,6 @@ def geo_loss(pred, batch):
 
 
 # ----------------------------------------------------------------------------- size and cost
-
-def param_count(model):
-    return sum(p.numel() for p in model.parameters())
-
 
 def block_flops(dim, mlp_ratio, tokens, keys):
     """Forward FLOPs of one Block on `tokens` queries attending to `keys` keys: 2 per multiply-add of the
