@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from psfm import sample_context
 from generate_spar import CATEGORY_NAMES, MARKER_RGB, SEMANTIC_CLASSES, SHELL_IDS, SPECIAL_TOKENS, draw_markers
+from psfm import sample_context
 
 # -----------------------------------------------------------------------------
 # QA records
@@ -131,17 +131,20 @@ def is_utf8(text):
         return False
 
 
-def read_json(path):
+def require_file(path):
     if not os.path.isfile(path):
         raise ValueError(f"{path}: file not found" + (" (it is a folder)" if os.path.isdir(path) else ""))
+
+
+def read_json(path):
+    require_file(path)
     with open(path, "rb") as f:
         return parse_json(f.read(), path)
 
 
 def read_jsonl(path):
     """(line number, parsed JSON) for each non-blank line; a bad line is a ValueError naming file and line."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: file not found" + (" (it is a folder)" if os.path.isdir(path) else ""))
+    require_file(path)
     with open(path, "rb") as f:
         for line_number, line in enumerate(f, 1):
             if line.strip():
@@ -207,12 +210,9 @@ def check_scene(arrays, meta, tensor_path, meta_path):
         if not np.all(np.isfinite(arrays[key])):
             raise ValueError(f"{tensor_path}: tensor '{key}' holds non-finite values")
     check_rigid(arrays["pose"], tensor_path)
-    if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path}: must be a JSON object, got a {type(meta).__name__}")
+    check_split(meta, meta_path)
     if not isinstance(meta.get("objects"), list):
         raise ValueError(f"{meta_path}: field 'objects' must be a list")
-    if meta.get("split") not in ("train", "val"):
-        raise ValueError(f"{meta_path}: field 'split' must be 'train' or 'val', got {meta.get('split')!r}")
     if not (isinstance(meta.get("room"), dict) and is_numbers(meta["room"].get("size"), 3, 0)):
         raise ValueError(f"{meta_path}: field 'room.size' must be three numbers (metres)")
     for i, obj in enumerate(meta["objects"]):
@@ -228,6 +228,14 @@ def check_scene(arrays, meta, tensor_path, meta_path):
     frames = meta.get("video_frames")
     if not (is_int(frames) and 1 <= frames <= views):
         raise ValueError(f"{meta_path}: field 'video_frames' must be an integer in 1..{views}, got {frames!r}")
+
+
+def check_split(meta, path):
+    """A scene json is an object whose split is train or val (another split would drop the scene silently)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: must be a JSON object, got a {type(meta).__name__}")
+    if meta.get("split") not in ("train", "val"):
+        raise ValueError(f"{path}: field 'split' must be 'train' or 'val', got {meta.get('split')!r}")
 
 
 def check_rigid(pose, path):
@@ -309,9 +317,7 @@ def scene_ids(data_dir, split):
         if name.endswith(".json"):
             path = os.path.join(scene_dir, name)
             meta = read_json(path)
-            if not isinstance(meta, dict) or meta.get("split") not in ("train", "val"):
-                got = meta.get("split") if isinstance(meta, dict) else f"a {type(meta).__name__}"
-                raise ValueError(f"{path}: field 'split' must be 'train' or 'val', got {got!r}")
+            check_split(meta, path)
             if meta["split"] == split:
                 ids.append(name[:-len(".json")])
     return ids

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 import data
 import generate_spar as g
 import train
+from test_train import wait_for_a_logged_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset=tiny", "--device=cpu", "--steps=2", "--batch_size=2", "--warmup=1", "--log_every=1",
@@ -241,10 +241,7 @@ def test_sigterm_to_the_process_group_with_workers_saves(data_dir, tmp_path):
     process = subprocess.Popen(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(out, "metrics.jsonl")
-    for _ in range(600):  # training has started once the first step is logged
-        if os.path.exists(metrics) and os.path.getsize(metrics):
-            break
-        time.sleep(0.1)
+    wait_for_a_logged_step(out)
     os.killpg(process.pid, signal.SIGTERM)  # what SLURM and torchrun send: the whole group, workers included
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1 and "stopped by SIGTERM at geo step" in stderr, stderr[-2000:]

@@ -204,17 +204,22 @@ def test_resuming_a_finished_stage_trains_nothing(single, data_dir, tmp_path):
     assert [r["step"] for r in metrics(folder) if r["split"] == "train"] == [1, 2, 3, 4]
 
 
+def wait_for_a_logged_step(out):
+    """Until out/metrics.jsonl holds a line (training has started), at most a minute."""
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    for _ in range(600):
+        if os.path.exists(metrics_path) and os.path.getsize(metrics_path):
+            return
+        time.sleep(0.1)
+
+
 def test_sigterm_saves_at_the_next_step_and_stops(data_dir, tmp_path):
     out = str(tmp_path / "geo")
     args = ["train.py", "--stage=geo", f"--data={data_dir}", f"--out={out}", "--steps=100000", "--log_every=3",
             "--save_every=100000", "--eval_every=0", "--device=cpu", "--batch_size=2"]
     process = subprocess.Popen([sys.executable] + args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    for _ in range(600):  # training has started once the first step is logged
-        if os.path.exists(metrics_path) and os.path.getsize(metrics_path):
-            break
-        time.sleep(0.1)
+    wait_for_a_logged_step(out)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1 and "stopped by SIGTERM at geo step" in stderr, stderr[-2000:]
