@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from generate_spar import CATEGORY_NAMES, MARKER_RGB, SEMANTIC_CLASSES, SHELL_IDS, SPECIAL_TOKENS, draw_markers
+from generate_spar import CATEGORY_NAMES, MARKER_RGB, SEMANTIC_CLASSES, SHELL_IDS, SPECIAL_TOKENS, draw_markers, prompt
 from psfm import sample_context
 
 # -----------------------------------------------------------------------------
@@ -450,7 +450,7 @@ class QADataset(torch.utils.data.Dataset):
                                        record.get("markers") if self.markers else None)
         except ValueError as error:
             raise ValueError(f"{self.path}: record {record['id']!r} (field 'scene' / 'image'): {error}") from None
-        item = {"id": record["id"], "task": record["task"], "images": images, "question": record["question"],
+        item = {"id": record["id"], "task": record["task"], "images": images, "question": prompt(record),
                 "answer": record["answer"], "record": record}
         if self.oracle:  # the ablation's oracle arm: true 3D tokens (see oracle_tokens)
             item["oracle"] = self.store.oracle(record)

@@ -593,6 +593,7 @@ class SceneViews:
     points: np.ndarray     # (V, n_objects, 2) marker point (grid 0-1000): the visible pixel nearest the centroid
     boxes: np.ndarray      # (V, n_objects, 4) visible bounding box on the grid: x0, y0, x1, y1
     min_pixels: int        # how many visible pixels make an object visible
+    image_size: tuple      # (H, W) of the views
 
     def visible(self, view):
         return [int(o) for o in np.flatnonzero(self.pixels[view] >= self.min_pixels)]
@@ -621,7 +622,7 @@ def scene_views(scene, K, poses, instance, video_frames):
             points[view, obj] = np.round((np.array([ou[nearest], ov[nearest]]) + 0.5) * to_grid)
             boxes[view, obj] = np.round(np.array([ou.min(), ov.min(), ou.max() + 1, ov.max() + 1]) * np.tile(to_grid, 2))
     return SceneViews(scene, np.asarray(K, np.float64), np.asarray(poses, np.float64), video_frames, pixels,
-                      points, boxes, max(24, int(0.004 * height * width)))
+                      points, boxes, max(24, int(0.004 * height * width)), (height, width))
 
 # -----------------------------------------------------------------------------
 # 7. The QA engine. Every answer is computed from ground truth (boxes, cameras), never from the render alone.
@@ -629,7 +630,12 @@ def scene_views(scene, K, poses, instance, video_frames):
 # Directions ("left", "front-right", ...) are measured on the floor plane, in a gravity-aligned frame.
 
 FILL_METRES = "Answer with a single number in meters."
+# The evaluators' own prompt parts (lmms-eval tasks vsibench and sparbench, see prompt() below)
 SELECT_LETTER = "Answer with the option's letter from the given choices directly."
+VSI_PRE_PROMPT = "These are frames of a video."
+VSI_NUMBER_POST_PROMPT = "Please answer the question using a single word or phrase."
+GRID_NOTE = ("The values represent the bounding box coordinates normalized to a 0-1000 scale, with the top-left "
+             "corner as the origin of the image.")
 QUADRANTS = ["front-left", "front-right", "back-left", "back-right"]
 RELATIONS = ["left of", "right of", "in front of", "behind"]
 
@@ -694,12 +700,13 @@ def relation_word(right_a, forward_a, right_b, forward_b, min_gap=0.3):
     return None
 
 
-def turn_word(heading, new_heading):
-    """The turn between two walking directions: 'Turn Left' / 'Turn Right' / 'Turn Back', or None if unclear."""
+def turn_word(heading, new_heading, margin=15.0):
+    """The turn between two walking directions: 'Turn Left' / 'Turn Right' / 'Turn Back' (at least 135 degrees,
+    as VSI-Bench's "back"), or None within `margin` degrees of 135 or for a turn under 30 (going on ahead)."""
     angle = planar_direction(np.zeros(3), heading, new_heading)
-    if abs(angle) > 160:
+    if abs(angle) >= 135 + margin:
         return "Turn Back"
-    if 30 < abs(angle) < 150:
+    if 30 <= abs(angle) <= 135 - margin:
         return "Turn Right" if angle > 0 else "Turn Left"
     return None
 
@@ -770,11 +777,16 @@ class Asker:
 
 
 def finish(question, answer, images, markers=None):
-    """Assemble a task's output: the question text carries its options and the answer instruction."""
+    """Assemble a SPAR task's output: as in SPAR-Bench, the question text carries its options and instruction."""
     if answer["format_type"] == "select":
         question += "\nOptions:\n" + "\n".join(answer["options"]) + "\n" + SELECT_LETTER
-    else:
-        question += "\n" + answer.get("instruction", FILL_METRES)
+    elif answer.get("instruction"):
+        question += "\n" + answer["instruction"]
+    return finish_video(question, answer, images, markers)
+
+
+def finish_video(question, answer, images, markers=None):
+    """Assemble a VSI-Bench task's output as its rows read: the bare question, the options apart."""
     out = {"image": [int(i) for i in images], "question": question, "format_type": answer["format_type"],
            "answer": answer["answer"]}
     if "options" in answer:
@@ -782,6 +794,17 @@ def finish(question, answer, images, markers=None):
     if markers:
         out["markers"] = markers
     return out
+
+
+def prompt(record):
+    """The text a model reads for a question record, assembled as the benchmark's lmms-eval task does it: a
+    VSI-Bench question gets the pre-prompt, its options and the post-prompt (thinking-in-space, vsibench's
+    doc_to_text); a SPAR question carries its own (our generated ones; eval.from_sparbench adds the official ones)."""
+    if record.get("task") not in VSI_TASKS:
+        return record["question"]
+    if record["format_type"] == "select":
+        return "\n".join([VSI_PRE_PROMPT, record["question"], "Options:", *record["options"], SELECT_LETTER])
+    return "\n".join([VSI_PRE_PROMPT, record["question"], VSI_NUMBER_POST_PROMPT])
 
 
 # --- SPAR-Bench tasks. `multi` picks the _mv variant: objects marked in different images, the camera that
@@ -876,6 +899,14 @@ def ask_distance_oo(a, multi=False):
     return finish(question, a.numeric(distance, 2, FILL_METRES), images, markers)
 
 
+def view_change_answer(right, forward, yaw):
+    """SPAR's view_change_infer answer: named components, each positive, the name giving the direction
+    ("move_left:0.52,move_forward:1.20,rotate_right:30"; metres and degrees)."""
+    return ",".join([f"move_{'right' if right >= 0 else 'left'}:{abs(right):.2f}",
+                     f"move_{'forward' if forward >= 0 else 'backward'}:{abs(forward):.2f}",
+                     f"rotate_{'right' if yaw >= 0 else 'left'}:{abs(yaw):.0f}"])
+
+
 def ask_view_change(a):
     v1, v2 = a.view_pair()
     if v1 is None:
@@ -884,35 +915,45 @@ def ask_view_change(a):
     if abs(right) < 0.15 or abs(forward) < 0.15 or abs(yaw) < 8:
         return None
     question = ("The camera moved from image 1 to image 2. On the floor plane and in image 1's heading, how far did "
-                "it move to the right and forward (meters, negative for left / backward), and by how many degrees did "
-                "it turn (positive = to the right)?")
-    answer = {"format_type": "fill", "answer": f"{right:.2f}, {forward:.2f}, {yaw:.0f}",
-              "instruction": "Answer with three numbers separated by commas: right, forward, turn."}
+                "it move right or left and forward or backward (meters), and by how many degrees did it turn?\n"
+                "Answer in the form move_right:x,move_forward:y,rotate_left:z, naming each direction "
+                "(move_right or move_left, move_forward or move_backward, rotate_right or rotate_left).")
+    answer = {"format_type": "fill", "answer": view_change_answer(right, forward, yaw), "instruction": ""}
     return finish(question, answer, [v1, v2])
 
 
-def motion_words(right, forward, yaw):
-    """'moved forward and turned left'-style description, or None when the motion is ambiguous."""
-    if abs(forward) >= max(1.5 * abs(right), 0.3):
-        move = "moved forward" if forward > 0 else "moved backward"
-    elif abs(right) >= max(1.5 * abs(forward), 0.3):
-        move = "moved right" if right > 0 else "moved left"
-    else:
+def grid_point(K, pose, point, height, width):
+    """(x, y) of a world point on the 0-1000 grid of a camera's image and its depth (m); None if not in view."""
+    uv, z = project(K, pose, np.asarray(point, dtype=np.float64)[None])
+    (u, v), depth = uv[0], z[0]
+    if depth < 0.3 or not (0 <= u < width and 0 <= v < height):
         return None
-    if abs(yaw) < 10:
-        return None
-    return f"{move} and {'turned right' if yaw > 0 else 'turned left'}"
+    return int(u / width * 1000), int(v / height * 1000), float(depth)
 
 
 def ask_camera_motion(a):
+    """Where is camera 2, seen from camera 1: its position in image 1 on SPAR's 0-1000 grid and its depth."""
     v1, v2 = a.view_pair()
     if v1 is None:
         return None
-    if (correct := motion_words(*camera_motion(a.views.poses[v1], a.views.poses[v2]))) is None:
+    height, width = a.views.image_size
+    truth = grid_point(a.views.K[v1], a.views.poses[v1], camera_center(a.views.poses[v2]), height, width)
+    if truth is None:
         return None
-    every = [f"moved {m} and turned {t}" for m in ("forward", "backward", "left", "right") for t in ("left", "right")]
-    question = "How did the camera move between image 1 and image 2?"
-    return finish(question, a.choice(correct, a.pick([w for w in every if w != correct], 3)), [v1, v2])
+    distractors = []
+    for _ in range(100):  # other places in image 1, well apart on the grid or in depth
+        if len(distractors) == 3:
+            break
+        x, y, depth = int(a.rng.integers(1000)), int(a.rng.integers(1000)), truth[2] * a.rng.uniform(0.4, 1.8)
+        if all(max(abs(x - p[0]), abs(y - p[1])) >= 150 or abs(depth - p[2]) >= 0.3 * truth[2]
+               for p in [truth] + distractors):
+            distractors.append((x, y, depth))
+    if len(distractors) < 3:
+        return None
+    as_text = [f"({x}, {y}), {depth:.1f}" for x, y, depth in [truth] + distractors]
+    question = ("Where is the camera of image 2, seen from the camera of image 1? Each option gives its position "
+                "in image 1 as (x, y) and its depth in meters.\n" + GRID_NOTE)
+    return finish(question, a.choice(as_text[0], as_text[1:]), [v1, v2])
 
 
 def ask_position_matching(a):
@@ -1031,15 +1072,20 @@ def name(a, obj):
     return a.objects[obj]["category"]
 
 
+def number(text):
+    return {"format_type": "fill", "answer": text}
+
+
+# The question templates word for word as VSI-Bench's rows read (nyu-visionx/VSI-Bench, checked against rows
+# printed in vision-x-nyu/test-set-training; tests/test_generate_spar.py holds the table). Numbers are written
+# as the rows write them: counts and centimetres whole, metres and square metres with one decimal.
+
 def ask_counting(a):
     seen, _ = video_objects(a)
-    if not seen:
-        return None
-    category = name(a, a.pick(seen, 1)[0])
-    count = sum(name(a, o) == category for o in seen)
-    question = f"How many {category}(s) can be seen in this video of a room?"
-    return finish(question, {"format_type": "fill", "answer": str(count), "instruction": "Answer with a single number."},
-                  a.video)
+    counts = Counter(name(a, o) for o in seen)
+    if (chosen := a.pick(sorted(c for c, n in counts.items() if n >= 2), 1)) is None:
+        return None  # VSI-Bench asks only about categories with two or more instances
+    return finish_video(f"How many {chosen[0]}(s) are in this room?", number(str(counts[chosen[0]])), a.video)
 
 
 def ask_abs_distance(a):
@@ -1050,7 +1096,7 @@ def ask_abs_distance(a):
         return None
     question = (f"Measuring from the closest point of each object, what is the distance between the "
                 f"{name(a, pair[0])} and the {name(a, pair[1])} (in meters)?")
-    return finish(question, {"format_type": "fill", "answer": f"{distance:.2f}"}, a.video)
+    return finish_video(question, number(f"{distance:.1f}"), a.video)
 
 
 def ask_object_size(a):
@@ -1059,21 +1105,26 @@ def ask_object_size(a):
     longest = 100 * max(a.objects[chosen[0]]["size"])
     question = (f"What is the length of the longest dimension (length, width, or height) of the "
                 f"{name(a, chosen[0])}, measured in centimeters?")
-    return finish(question, {"format_type": "fill", "answer": f"{longest:.0f}",
-                             "instruction": "Answer with a single number in centimeters."}, a.video)
+    return finish_video(question, number(f"{longest:.0f}"), a.video)
 
 
 def ask_room_size(a):
     area = a.views.scene["room"].get("floor_area")
     if not area:
         return None
-    question = "What is the size of this room (in square meters)?"
-    return finish(question, {"format_type": "fill", "answer": f"{area:.1f}",
-                             "instruction": "Answer with a single number in square meters."}, a.video)
+    question = ("What is the size of this room (in square meters)? \n"
+                "If multiple rooms are shown, estimate the size of the combined space.")
+    return finish_video(question, number(f"{area:.1f}"), a.video)
+
+
+def listed_choice(choices, correct):
+    """Options in the order the question lists them (VSI-Bench's relative distance), answered by letter."""
+    return {"format_type": "select", "answer": "ABCDEFGH"[choices.index(correct)],
+            "options": [f"{'ABCDEFGH'[i]}. {c}" for i, c in enumerate(choices)]}
 
 
 def ask_rel_distance(a):
-    if (chosen := a.pick(video_objects(a)[1], 4)) is None:
+    if (chosen := a.pick(video_objects(a)[1], 5)) is None:
         return None
     target, candidates = chosen[0], chosen[1:]
     distances = [closest_box_distance(a.objects[target], a.objects[o]) for o in candidates]
@@ -1083,19 +1134,27 @@ def ask_rel_distance(a):
     names = [name(a, o) for o in candidates]
     question = (f"Measuring from the closest point of each object, which of these objects ({', '.join(names)}) "
                 f"is the closest to the {name(a, target)}?")
-    correct = names[ranked[0]]
-    return finish(question, a.choice(correct, [n for n in names if n != correct]), a.video)
+    return finish_video(question, listed_choice(names, names[ranked[0]]), a.video)
 
 
-def rel_direction_answer(angle, difficulty):
-    """The answer to 'by A facing B, where is C?' at an angle (degrees, + = right); None near a boundary."""
+def rel_direction_answer(angle, difficulty, margin=15.0):
+    """The answer to 'by A facing B, where is C?' at an angle (degrees, + = right); None within `margin` of a
+    class boundary (easy: ahead and behind; medium: also 135, where "back" begins; hard: the quadrants' axes)."""
     if difficulty == "hard":
-        return quadrant(angle)
-    if difficulty == "medium":
-        if abs(angle) > 150:
-            return "back"
-        return None if abs(angle) > 120 or abs(angle) < 15 else ("right" if angle > 0 else "left")
-    return None if abs(angle) < 15 or abs(angle) > 165 else ("right" if angle > 0 else "left")
+        return quadrant(angle, margin)
+    if difficulty == "medium" and abs(angle) >= 135 + margin:
+        return "back"
+    limit = 135 - margin if difficulty == "medium" else 180 - margin
+    return None if abs(angle) < margin or abs(angle) > limit else ("right" if angle > 0 else "left")
+
+
+REL_DIRECTION_ASKS = {
+    "easy": "to the left or the right of the {b}?",
+    "medium": "to my left, right, or back?\nAn object is to my back if I would have to turn at least 135 degrees "
+              "in order to face it.",
+    "hard": "to my front-left, front-right, back-left, or back-right?\nThe directions refer to the quadrants of a "
+            "Cartesian plane (if I am standing at the origin and facing along the positive y-axis).",
+}
 
 
 def ask_rel_direction(a):
@@ -1108,12 +1167,10 @@ def ask_rel_direction(a):
     if (correct := rel_direction_answer(planar_direction(stand, face - stand, other), difficulty)) is None:
         return None
     words = {"easy": ["left", "right"], "medium": ["left", "right", "back"], "hard": QUADRANTS}[difficulty]
-    ask = {"easy": "to my left or right?", "medium": "to my left, right, or back? An object is to my back if I "
-           "would have to turn at least 135 degrees in order to face it.",
-           "hard": "to my front-left, front-right, back-left, or back-right?"}[difficulty]
     a_name, b_name, c_name = (name(a, o) for o in chosen)
-    question = f"If I am standing by the {a_name} and facing the {b_name}, is the {c_name} {ask}"
-    out = finish(question, a.choice(correct, [w for w in words if w != correct]), a.video)
+    question = (f"If I am standing by the {a_name} and facing the {b_name}, is the {c_name} "
+                + REL_DIRECTION_ASKS[difficulty].format(b=b_name))
+    out = finish_video(question, a.choice(correct, [w for w in words if w != correct]), a.video)
     out["difficulty"] = difficulty
     return out
 
@@ -1131,12 +1188,12 @@ def ask_route(a):
     names = [name(a, o) for o in chosen]
     question = (f"You are a robot beginning at the {names[0]} facing the {names[1]}. You want to navigate to the "
                 f"{names[3]}. You will perform the following actions (Note: for each [please fill in], choose either "
-                f"'turn back', 'turn left', or 'turn right'.): 1. Go forward until the {names[1]}. 2. [please fill in] "
-                f"3. Go forward until the {names[2]}. 4. [please fill in] 5. Go forward until the {names[3]}. "
+                f"'turn back,' 'turn left,' or 'turn right.'): 1. Go forward until the {names[1]} 2. [please fill in] "
+                f"3. Go forward until the {names[2]} 4. [please fill in] 5. Go forward until the {names[3]}. "
                 f"You have reached the final destination.")
     every = [f"{t1}, {t2}" for t1 in ("Turn Left", "Turn Right", "Turn Back") for t2 in ("Turn Left", "Turn Right", "Turn Back")]
     correct = ", ".join(turns)
-    return finish(question, a.choice(correct, a.pick([w for w in every if w != correct], 3)), a.video)
+    return finish_video(question, a.choice(correct, a.pick([w for w in every if w != correct], 3)), a.video)
 
 
 def ask_appearance_order(a):
@@ -1157,7 +1214,7 @@ def ask_appearance_order(a):
         if order != correct_order:
             distractors.add(", ".join(order))
     question = f"What will be the first-time appearance order of the following categories in the video: {', '.join(names)}?"
-    return finish(question, a.choice(", ".join(correct_order), sorted(distractors)), frames)
+    return finish_video(question, a.choice(", ".join(correct_order), sorted(distractors)), frames)
 
 
 # task -> its question function; each _mv task is its single-view task's function with multi=True
@@ -1435,7 +1492,7 @@ def generate(config):
         write_atomic(os.path.join(config.out, f"qa_{split}.jsonl"), text.encode())
     if config.vocab_size:
         source = records["train"] or records["val"]  # the vocabulary is learnt from training text only
-        texts = [r["question"] + "\n" + r["answer"] for r in source]
+        texts = [prompt(r) + "\n" + r["answer"] for r in source]
         train_tokenizer(texts, os.path.join(config.out, "tokenizer.json"), config.vocab_size)
     for split in records:
         print(f"{split}: {sum(job[2] == split for job in jobs)} scenes, {len(records[split])} questions")

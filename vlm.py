@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import (ORACLE_CAMERAS, ORACLE_DIM, ORACLE_OBJECTS, SPECIAL_TOKENS, best_device, load_checkpoint,
-                  load_tokenizer, load_weights, read_json, read_weights)
+                  load_tokenizer, load_weights, prompt, read_json, read_weights)
 from model import MLP, GeoBackbone, GeoConfig, ViT, block_flops, check_fields, init_weights
 from model import flops_per_sample as geo_flops_per_sample
 from psfm import PSFM, Spa3RConfig
@@ -578,11 +578,12 @@ class SpaVLM(nn.Module):
 
     @torch.no_grad()
     def answer(self, records, images, max_new_tokens=None, oracle=None):
-        """eval.py's contract: records (dicts with "question"), images[i] (N_i, 3, H, W) in [0, 1] -> answers,
+        """eval.py's contract: records (dicts with "question", read as generate_spar.prompt assembles it),
+        images[i] (N_i, 3, H, W) in [0, 1] -> answers,
         decoded greedily with the KV cache, the whole list as one batch. oracle: the oracle arm's
         data.oracle_tokens of each record."""
         device = self.lm.embed_tokens.weight.device
-        batch = prompt_batch([r["question"] for r in records], images, self.tokenizer, self.config,
+        batch = prompt_batch([prompt(r) for r in records], images, self.tokenizer, self.config,
                              [r.get("id", f"#{i}") for i, r in enumerate(records)])
         if oracle is not None:
             batch["oracle"] = torch.stack(list(oracle))

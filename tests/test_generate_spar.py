@@ -1,10 +1,11 @@
 """Tests for generate_spar.py: the renderer against independent geometry, the QA engine on hand-built scenes,
 determinism, file formats and the real-scan source."""
 
+import dataclasses
 import json
 import math
-import dataclasses
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -227,31 +228,42 @@ def test_relation_and_imagination_answers(spar_scene):
         assert option_text(record) == ("front-" if facing @ target > 0 else "back-") + ("left" if cross > 0 else "right")
 
 
+def named_components(answer):
+    """SPAR's view_change answer read back independently: signed (right, forward, turn right)."""
+    signs = {"move_right": (0, 1), "move_left": (0, -1), "move_forward": (1, 1), "move_backward": (1, -1),
+             "rotate_right": (2, 1), "rotate_left": (2, -1)}
+    values = [0.0, 0.0, 0.0]
+    for item in answer.split(","):
+        key, value = item.split(":")
+        axis, sign = signs[key]
+        assert float(value) >= 0, answer  # the name carries the direction
+        values[axis] = sign * float(value)
+    return values
+
+
 def test_view_change_and_camera_motion_answers(spar_scene):
-    _, views = spar_scene
+    scene, views = spar_scene
     for record in many("view_change_infer", views):
         first, second = (views.poses[i] for i in record["image"])
         forward, right = camera_basis(first)
         move = second[:2, 3] - first[:2, 3]
         turn = math.degrees(math.atan2(first[1, 2], first[0, 2]) - math.atan2(second[1, 2], second[0, 2]))
         expected = [move @ right, move @ forward, turn]
-        got = [float(x) for x in record["answer"].split(",")]
-        assert got == pytest.approx(expected, abs=0.51), record["answer"]  # rounding: 2 decimals and whole degrees
-    # pose 0 -> 1: 1 m right, 1 m forward, 5 degrees right (no dominant direction, too small a turn);
-    # pose 0 -> 2: 1.5 m left, 0.5 m forward, 25 degrees right
+        assert named_components(record["answer"]) == pytest.approx(expected, abs=0.51), record["answer"]
+    assert g.view_change_answer(-1.5, 0.5, 25.0) == "move_left:1.50,move_forward:0.50,rotate_right:25"
+    # pose 0 -> 1: 1 m right, 1 m forward, 5 degrees right; pose 0 -> 2: 1.5 m left, 0.5 m forward, 25 degrees right
     assert np.allclose(g.camera_motion(views.poses[0], views.poses[1]), (1.0, 1.0, 5.0))
-    assert g.motion_words(*g.camera_motion(views.poses[0], views.poses[1])) is None
     assert np.allclose(g.camera_motion(views.poses[0], views.poses[2]), (-1.5, 0.5, 25.0))
-    assert g.motion_words(*g.camera_motion(views.poses[0], views.poses[2])) == "moved left and turned right"
-    for record in many("camera_motion_infer", views):
+    # two cameras that see each other (and the chair): the second stands 1.5 m ahead of the first
+    views = views_of(scene, [g.look_pose(np.array([-3.0, 0.0, 1.5]), 0.0, math.radians(-15)),
+                             g.look_pose(np.array([-1.5, 0.3, 1.3]), math.radians(10), math.radians(-10))])
+    height, width = views.image_size
+    for record in many("camera_motion_infer", views):  # camera 2's centre in camera 1's image, on the 0-1000 grid, and its depth
         first, second = (views.poses[i] for i in record["image"])
-        forward, right = camera_basis(first)
-        move = second[:2, 3] - first[:2, 3]
-        side, ahead = move @ right, move @ forward
-        turn = math.atan2(first[1, 2], first[0, 2]) - math.atan2(second[1, 2], second[0, 2])
-        words = (("moved right" if side > 0 else "moved left") if abs(side) > abs(ahead)
-                 else ("moved forward" if ahead > 0 else "moved backward"))
-        assert option_text(record) == words + (" and turned right" if turn > 0 else " and turned left")
+        x, y, z = (np.linalg.inv(first) @ np.append(second[:3, 3], 1.0))[:3]
+        K = views.K[record["image"][0]]
+        u, v = K[0, 0] * x / z + K[0, 2], K[1, 1] * y / z + K[1, 2]
+        assert option_text(record) == f"({int(u / width * 1000)}, {int(v / height * 1000)}), {z:.1f}"
 
 
 def test_counting_size_room_order_and_route_on_a_video():
@@ -283,7 +295,7 @@ def test_counting_size_room_order_and_route_on_a_video():
         assert int(record["answer"]) == round(100 * max(sizes[name]))
     assert many("room_size_estimation", views)[0]["answer"] == "80.0"
     for record in many("route_planning", views):
-        names = [record["question"].split(f"{k}. Go forward until the ")[1].split(".")[0] for k in (1, 3, 5)]
+        names = re.findall(r"Go forward until the (.+?)(?: \d\.|\. You)", record["question"])
         start = record["question"].split("beginning at the ")[1].split(" facing")[0]
         path = [np.array(corners[n]) for n in [start] + names]
         turns = []
@@ -297,7 +309,7 @@ def test_counting_size_room_order_and_route_on_a_video():
         names = record["question"].split("between the ")[1].split(" (in meters)")[0].split(" and the ")
         a, b = (objects[list(corners).index(n)] for n in names)
         gaps = [max(0.0, abs(a["center"][k] - b["center"][k]) - (a["size"][k] + b["size"][k]) / 2) for k in range(3)]
-        assert float(record["answer"]) == pytest.approx(math.hypot(*gaps), abs=0.006)
+        assert float(record["answer"]) == pytest.approx(math.hypot(*gaps), abs=0.051)  # one decimal, as VSI-Bench
 
 
 def test_closest_box_distance_matches_dense_sampling():
@@ -367,6 +379,80 @@ def test_all_28_tasks_and_disjoint_splits(generated):
     for r in train:
         assert json.load(open(generated / "scenes" / f"{r['scene']}.json"))["split"] == "train"
     assert len({r["id"] for r in train + val}) == len(train + val)
+
+
+# VSI-Bench's question templates word for word, {x} standing for a category name, with the options each row
+# has. Source: the rows of nyu-visionx/VSI-Bench (test split) as printed in vision-x-nyu/test-set-training
+# (branch meta_nov25, notebooks/vsi_debias_*.ipynb: ids 0, 439, 530, 680, 957, 1334, 2713, 4959) and the
+# prompt of thinking-in-space lmms_eval/tasks/vsibench/utils.py (vsibench_doc_to_text). The paper's Table 4
+# says "direct distance"; the released rows do not, and neither do we.
+VSI_TEMPLATES = {
+    "object_counting": ("How many {x}(s) are in this room?", None),
+    "object_abs_distance": ("Measuring from the closest point of each object, what is the distance between the {x} "
+                            "and the {x} (in meters)?", None),
+    "object_size_estimation": ("What is the length of the longest dimension (length, width, or height) of the {x}, "
+                               "measured in centimeters?", None),
+    "room_size_estimation": ("What is the size of this room (in square meters)? \nIf multiple rooms are shown, "
+                             "estimate the size of the combined space.", None),
+    "object_rel_distance": ("Measuring from the closest point of each object, which of these objects ({x}, {x}, {x}, "
+                            "{x}) is the closest to the {x}?", 4),
+    "object_rel_direction/easy": ("If I am standing by the {x} and facing the {x}, is the {x} to the left or the "
+                                  "right of the {x}?", 2),
+    "object_rel_direction/medium": ("If I am standing by the {x} and facing the {x}, is the {x} to my left, right, or "
+                                    "back?\nAn object is to my back if I would have to turn at least 135 degrees in "
+                                    "order to face it.", 3),
+    "object_rel_direction/hard": ("If I am standing by the {x} and facing the {x}, is the {x} to my front-left, "
+                                  "front-right, back-left, or back-right?\nThe directions refer to the quadrants of a "
+                                  "Cartesian plane (if I am standing at the origin and facing along the positive "
+                                  "y-axis).", 4),
+    "route_planning": ("You are a robot beginning at the {x} facing the {x}. You want to navigate to the {x}. You will "
+                       "perform the following actions (Note: for each [please fill in], choose either 'turn back,' "
+                       "'turn left,' or 'turn right.'): 1. Go forward until the {x} 2. [please fill in] 3. Go "
+                       "forward until the {x} 4. [please fill in] 5. Go forward until the {x}. You have reached the "
+                       "final destination.", 4),
+    "obj_appearance_order": ("What will be the first-time appearance order of the following categories in the "
+                             "video: {x}, {x}, {x}, {x}?", 4),
+}
+
+
+def test_vsi_questions_match_the_benchmark_templates_word_for_word(generated):
+    records = [json.loads(line) for line in open(generated / "qa_train.jsonl")]
+    category = "(?:" + "|".join(map(re.escape, g.CATEGORY_NAMES)) + ")"
+    for kind, (template, num_options) in VSI_TEMPLATES.items():
+        task, _, difficulty = kind.partition("/")
+        asked = [r for r in records if r["task"] == task and r.get("difficulty", "") == difficulty]
+        assert asked, f"no {kind} question generated"
+        pattern = re.escape(template).replace(re.escape("{x}"), category)
+        for record in asked:
+            assert re.fullmatch(pattern, record["question"]), (kind, record["question"])
+            assert len(record.get("options", [])) == (num_options or 0), (kind, record.get("options"))
+            prompt = g.prompt(record)  # as vsibench_doc_to_text assembles it
+            assert prompt.startswith("These are frames of a video.\n" + record["question"] + "\n")
+            assert prompt.endswith("Answer with the option's letter from the given choices directly." if num_options
+                                   else "Please answer the question using a single word or phrase.")
+        if task == "object_rel_distance":  # the options are the listed objects, in the question's order
+            for record in asked:
+                listed = record["question"].split("objects (")[1].split(")")[0].split(", ")
+                assert [o[3:] for o in record["options"]] == listed
+
+
+def test_no_direction_or_turn_label_near_a_class_boundary():
+    """Every angle, 0.25 degrees apart: a label only 15 degrees or more away from each class boundary of its
+    question (VSI-Bench: "back" from 135 degrees; a route's turn is also none under 30 degrees), and then the
+    right one."""
+    boundaries = {"easy": [0, 180], "medium": [0, 135], "hard": [0, 90, 180], "turn": [0, 135]}
+    for angle in np.arange(-179.875, 180, 0.25):  # never exactly on a boundary, where rounding decides
+        heading = np.array([1.0, 0.0, 0.0])
+        turned = np.array([math.cos(math.radians(-angle)), math.sin(math.radians(-angle)), 0.0])  # +: clockwise, right
+        labels = {difficulty: g.rel_direction_answer(angle, difficulty) for difficulty in ("easy", "medium", "hard")}
+        labels["turn"] = g.turn_word(heading, turned)
+        side = "right" if angle > 0 else "left"
+        expected = {"easy": side, "medium": "back" if abs(angle) > 135 else side,
+                    "hard": ("back-" if abs(angle) > 90 else "front-") + side,
+                    "turn": None if abs(angle) < 30 else "Turn Back" if abs(angle) > 135 else f"Turn {side.title()}"}
+        for kind, label in labels.items():
+            near = min(abs(abs(angle) - b) for b in boundaries[kind]) < (30 if kind == "turn" and abs(angle) < 90 else 15)
+            assert label == (None if near else expected[kind]), (kind, angle, label)
 
 
 def test_same_seed_same_bytes_for_any_number_of_workers(tmp_path):
