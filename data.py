@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from generate_spar import CATEGORY_NAMES, MARKER_RGB, SEMANTIC_CLASSES, SHELL_IDS, SPECIAL_TOKENS, draw_markers, prompt
+from generate_spar import (CATEGORY_NAMES, MARKER_RGB, SEMANTIC_CLASSES, SHELL_IDS, SPECIAL_TOKENS, draw_markers, prompt,
+                           read_image)
 from psfm import sample_context
 
 # -----------------------------------------------------------------------------
@@ -65,6 +66,32 @@ def check_record(record, where):
         raise ValueError(f"{where}: field 'markers' must be a list, got {markers!r:.60}")
     for marker in markers:
         check_marker(marker, len(image), where)
+
+
+OPTION_LINE = re.compile(r"^\s*\(?([A-H])[.):]\s+(.*\S)\s*$", re.MULTILINE)  # "A. chair" / "(B) left" on its own line
+
+
+def from_conversations(row, where, image_root):
+    """A SPAR-7M training line ({"id", "conversations": [human, gpt, ...], "image": [paths under image_root],
+    "type": task}) as our record. The human turn is the whole prompt (an "<image>" token in it is dropped: our
+    chat template places the images); an answer that is one letter makes a multiple-choice question."""
+    turns = row.get("conversations")
+    if not (isinstance(turns, list) and len(turns) >= 2
+            and all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns[:2])):
+        raise ValueError(f"{where}: field 'conversations': expected a human and a gpt turn with string values")
+    images = row.get("image", [])
+    images = [images] if isinstance(images, str) else images
+    if not (isinstance(images, list) and images and all(isinstance(i, str) and i for i in images)):
+        raise ValueError(f"{where}: field 'image': expected a list of image paths, got {images!r:.60}")
+    if not isinstance(row.get("type"), str):
+        raise ValueError(f"{where}: field 'type': expected the task's name, got {row.get('type')!r:.60}")
+    text = re.sub(r"<image>\n?", "", turns[0]["value"]).strip()
+    answer = turns[1]["value"].strip()
+    select = re.fullmatch("[A-H]", answer) is not None
+    return {"id": str(row.get("id")), "task": row["type"], "format_type": "select" if select else "fill",
+            "question": text, "prompt": text, "answer": answer, "image": [],
+            "options": [f"{k}. {v}" for k, v in OPTION_LINE.findall(text)] if select else [],
+            "image_files": [os.path.join(image_root, i) for i in images]}
 
 
 def is_int(value):
@@ -152,11 +179,15 @@ def read_jsonl(path):
 
 
 def load_qa_jsonl(path):
-    """Validated QA records of one JSONL file; ids must be unique."""
+    """Validated QA records of one JSONL file, ours or SPAR-7M's (from_conversations; its images under images/
+    beside the file); ids must be unique."""
     records, seen = [], set()
     for line_number, record in read_jsonl(path):
         where = f"{path}:{line_number}"
-        check_record(record, where)
+        if isinstance(record, dict) and "conversations" in record:
+            record = from_conversations(record, where, os.path.join(os.path.dirname(path), "images"))
+        else:
+            check_record(record, where)
         if record["id"] in seen:
             raise ValueError(f"{where}: field 'id' {record['id']!r} is duplicated")
         seen.add(record["id"])
@@ -271,6 +302,21 @@ def resize_views(images, depth, semantic, K, res):
     return images, depth, semantic, K * scale[None, :, None]
 
 
+def as_images(rgb, res=None):
+    """uint8 (N, H, W, 3) -> float32 (N, 3, res, res) in [0, 1] (area filter down, bilinear up)."""
+    images = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
+    if res is not None and images.shape[-2:] != (res, res):
+        images = F.interpolate(images, size=(res, res), mode="area" if res < images.shape[-1] else "bilinear")
+    return images
+
+
+def read_image_file(path):
+    """An image file as uint8 (H, W, 3): PNG with the standard library, JPEG with Pillow (a one-line error without)."""
+    require_file(path)
+    image = read_image(path)
+    return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
+
+
 class SceneStore:
     """Loads scenes on demand from DATA/scenes and keeps the most recent ones in memory."""
 
@@ -295,11 +341,14 @@ class SceneStore:
             raise ValueError(f"{self.scene_dir}/{scene_id}.safetensors: frame {bad[0]} out of range (0..{views - 1})")
         rgb = [draw_markers(scene["rgb"][i], markers, slot) if markers else scene["rgb"][i]
                for slot, i in enumerate(frame_indices)]
-        images = torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
-        if res is not None and images.shape[-1] != res:
-            images = F.interpolate(images, size=(res, res), mode="area" if res < images.shape[-1] else "bilinear")
-        return images
+        return as_images(np.stack(rgb), res)
 
+
+    def record_frames(self, record, res=None, markers=True):
+        """A question's images: its image files (benchmark and SPAR-7M records), else its scene's frames."""
+        if record.get("image_files"):
+            return torch.cat([as_images(read_image_file(path)[None], res) for path in record["image_files"]])
+        return self.frames(record["scene"], record["image"], res, record.get("markers") if markers else None)
 
     def oracle(self, record):
         """The oracle arm's true 3D tokens of a record (oracle_tokens, defined with the oracle arm below)."""
@@ -443,11 +492,10 @@ class QADataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         record = self.records[index]
-        if not record["image"]:
+        if not record["image"] and not record.get("image_files"):
             raise ValueError(f"{self.path}: record {record['id']!r} field 'image' is empty: nothing to train on")
         try:
-            images = self.store.frames(record["scene"], record["image"], self.res,
-                                       record.get("markers") if self.markers else None)
+            images = self.store.record_frames(record, self.res, self.markers)
         except ValueError as error:
             raise ValueError(f"{self.path}: record {record['id']!r} (field 'scene' / 'image'): {error}") from None
         item = {"id": record["id"], "task": record["task"], "images": images, "question": prompt(record),

@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from generate_spar import SPAR_TASKS, TASKS, VSI_TASKS, parse_args, write_atomic
+from generate_spar import (GRID_NOTE, SELECT_LETTER, SPAR_TASKS, TASKS, VSI_NUMBER_POST_PROMPT, VSI_TASKS, parse_args,
+                           write_atomic)
 
 BENCHMARKS = {"SPAR-Bench": {}, "VSI-Bench": {}}  # benchmark -> level -> [task], in generate_spar.TASKS's order
 for _task in SPAR_TASKS + VSI_TASKS:
@@ -107,9 +108,49 @@ def mra(pred, truth):
     return sum(error < Fraction(100 - t, 100) for t in THETAS_PERCENT) / len(THETAS_PERCENT)
 
 
-def score_numbers(preds, answer):
-    """Mean MRA over the answer's values (never none: load_questions checks); values the prediction lacks add 0."""
-    truths = parse_numbers(answer)
+# SPAR-Bench's view_change_infer answer names its components: "move_left:0.52,move_forward:1.20,rotate_right:30".
+# Its evaluator reads five signed axes, each direction minus its opposite; a component not named is 0.
+VIEW_AXES = [("move_right", "move_left"), ("move_up", "move_down"), ("move_forward", "move_backward"),
+             ("rotate_right", "rotate_left"), ("rotate_up", "rotate_down")]
+COMPONENT = re.compile(r"\b(move_(?:right|left|up|down|forward|backward)|rotate_(?:right|left|up|down))\b\s*[:=]?\s*("
+                       + NUMBER.pattern + ")")
+# SPAR-Bench's evaluator reads the last number of these tasks' answers (the first may be an image's number)
+LAST_NUMBER_TASKS = {"depth_prediction_oc_mv", "depth_prediction_oo_mv", "distance_prediction_oc_mv",
+                     "distance_prediction_oo_mv"}
+
+
+def view_change_values(text):
+    """The five signed axes of a view_change_infer answer (right, up, forward, rotate right, rotate up), signs
+    from the names ("move_left:0.5" is right = -0.5). An answer that names no component is read in the order
+    of our earlier bare format: right, forward, turn right. [] if none; None: a number too long to read."""
+    named = COMPONENT.findall(text)
+    if not named:
+        numbers = parse_numbers(text)
+        if not numbers:  # nothing read scores 0, not the free points of the axes whose truth is 0
+            return numbers
+        bare = dict(zip((0, 2, 3), numbers))
+        return [bare.get(axis, Fraction(0)) for axis in range(len(VIEW_AXES))]
+    values = [Fraction(0)] * len(VIEW_AXES)
+    for name, number in named:
+        axis = next(k for k, pair in enumerate(VIEW_AXES) if name in pair)
+        try:
+            values[axis] += Fraction(number) * (1 if name == VIEW_AXES[axis][0] else -1)
+        except ValueError:
+            return None
+    return values
+
+
+def answer_values(task, text):
+    """The values an answer gives, as the task reads them: view_change_infer its five axes, the SPAR _mv tasks
+    the last number, every other task the first. [] if none; None if a number is too long to read."""
+    if task == "view_change_infer":
+        return view_change_values(text)
+    numbers = parse_numbers(text)
+    return numbers and [numbers[-1] if task in LAST_NUMBER_TASKS else numbers[0]]
+
+
+def score_values(preds, truths):
+    """Mean MRA over the truth's values (never none: load_questions checks); values the prediction lacks add 0."""
     return sum(mra(p, y) for p, y in zip(preds, truths)) / len(truths)
 
 
@@ -118,9 +159,9 @@ def score_record(record, prediction):
     if prediction is None:
         return 0.0
     if record["format_type"] == "select":
-        return float(extract_letter(prediction, record["options"]) == record["answer"])
-    numbers = parse_numbers(prediction)
-    return 0.0 if numbers is None else score_numbers(numbers, record["answer"])
+        return float(extract_letter(prediction, record.get("options", [])) == record["answer"])
+    values = answer_values(record["task"], prediction)
+    return 0.0 if values is None else score_values(values, answer_values(record["task"], record["answer"]))
 
 
 def summarize(records, scores):
@@ -151,7 +192,7 @@ def chance(train, records):
     answers = defaultdict(list)
     for r in train:
         kind = (r["task"], r["format_type"])
-        answers[kind].append(r["answer"] if kind[1] == "select" else parse_numbers(r["answer"]))
+        answers[kind].append(r["answer"] if kind[1] == "select" else answer_values(r["task"], r["answer"]))
     means = {kind: [mean(axis) for axis in zip(*values)] for kind, values in answers.items() if kind[1] == "fill"}
     modes = {kind: _most_frequent(values) if kind[1] == "select" else [_most_frequent(a) for a in zip(*values)]
              for kind, values in answers.items()}
@@ -159,11 +200,12 @@ def chance(train, records):
     for record in records:
         kind = (record["task"], record["format_type"])
         if kind[1] == "select":
-            uniform.append(1 / len(record["options"]))
+            uniform.append(1 / len(record["options"]) if record.get("options") else None)
             frequency.append(float(modes[kind] == record["answer"]) if kind in modes else None)
         else:
-            uniform.append(score_numbers(means[kind], record["answer"]) if kind in modes else None)
-            frequency.append(score_numbers(modes[kind], record["answer"]) if kind in modes else None)
+            truths = answer_values(record["task"], record["answer"])
+            uniform.append(score_values(means[kind], truths) if kind in modes else None)
+            frequency.append(score_values(modes[kind], truths) if kind in modes else None)
     return uniform, frequency
 
 
@@ -173,7 +215,7 @@ def evaluate(records, predictions, train=None):
     uniform, frequency = chance(train, records) if train else (None, None)
     return {"n_questions": len(records), "n_missing": sum(r["id"] not in predictions for r in records),
             "unreadable": [r["id"] for r in records if r["format_type"] == "fill" and r["id"] in predictions
-                           and parse_numbers(predictions[r["id"]]) is None],
+                           and answer_values(r["task"], predictions[r["id"]]) is None],
             "counts": dict(Counter(r["task"] for r in records)), "model": summarize(records, scores),
             "scores": {r["id"]: score for r, score in zip(records, scores)},
             "tasks_of": {r["id"]: r["task"] for r in records},
@@ -186,24 +228,29 @@ def evaluate(records, predictions, train=None):
 # Where the answers come from: a predictions file ({"id": str, "prediction": str} per line), or a model
 
 def read_predictions(path, records):
-    """id -> prediction. Any malformed line is a one-line ValueError naming the file, the line and the field."""
-    known, predictions, first_line = {record["id"] for record in records}, {}, {}
-    for lineno, row in data.read_jsonl(path):
-        where = f"{path}:{lineno}"
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object with fields 'id' and 'prediction'")
-        pid = row.get("id")
-        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
-            raise ValueError(f"{where}: field 'id': must be a string, got {pid!r:.60}")
-        pid = str(pid)  # VSI-Bench ids are integers; from_vsibench turns them into strings the same way
-        if pid in first_line:
-            raise ValueError(f"{where}: field 'id': duplicate id {pid!r} (first on line {first_line[pid]})")
+    """id -> prediction, from {"id", "prediction"} lines or lmms-eval's --log_samples lines. Any malformed line is a
+    one-line ValueError naming the file, the line and the field."""
+    known, predictions, first = {record["id"] for record in records}, {}, {}
+    for where, row in read_rows(path):
+        pid, prediction, _ = (from_lmms_eval if row_format(row) == "lmms-eval" else our_prediction)(row, where)
+        if pid in first:
+            raise ValueError(f"{where}: field 'id': duplicate id {pid!r} (first at {first[pid]})")
         if pid not in known:
             raise ValueError(f"{where}: field 'id': id {pid!r} is not among the questions")
-        if not isinstance(row.get("prediction"), str):
-            raise ValueError(f"{where}: field 'prediction': must be a string, got {row.get('prediction')!r:.60}")
-        first_line[pid], predictions[pid] = lineno, row["prediction"]
+        first[pid], predictions[pid] = where, prediction
     return predictions
+
+
+def our_prediction(row, where):
+    """A {"id", "prediction"} line -> (id, prediction, None)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with fields 'id' and 'prediction'")
+    pid, prediction = row.get("id"), row.get("prediction")
+    if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+        raise ValueError(f"{where}: field 'id': must be a string, got {pid!r:.60}")
+    if not isinstance(prediction, str):
+        raise ValueError(f"{where}: field 'prediction': must be a string, got {prediction!r:.60}")
+    return str(pid), prediction, None  # benchmark ids are integers; the question readers make them strings too
 
 
 def predict(model, records, load_frames, batch_size=16, load_oracle=None):
@@ -223,13 +270,18 @@ def predict(model, records, load_frames, batch_size=16, load_oracle=None):
 
 def model_predictions(cfg, records, model=None, load_frames=None):
     """id -> answer of the checkpoint cfg.ckpt (or of model), also written to a predictions.jsonl."""
+    blind = next((r["id"] for r in records if not r.get("image") and not r.get("image_files")), None)
+    if blind is not None:  # VSI-Bench rows name a video, SPAR-Bench rows embed their pictures
+        raise ValueError(f"{cfg.data}: question {blind!r} has no image files to show the model (videos and embedded "
+                         f"pictures are not read: write them as PNG/JPEG files, named in an 'image' list; README)")
     if model is None:
         import vlm  # only model mode needs the model code
         model = vlm.load_for_eval(cfg.ckpt)
-    config, store = getattr(model, "config", None), data.SceneStore(cfg.data)
+    config = getattr(model, "config", None)
+    store = data.SceneStore(cfg.data if os.path.isdir(cfg.data) else os.path.dirname(cfg.data))
     # frames as training shows them (markers drawn), at the model's trained image size unless --res says otherwise
     res = cfg.res or getattr(getattr(config, "geo", None), "image_size", None)
-    load_frames = load_frames or (lambda r: store.frames(r["scene"], r["image"], res, markers=r.get("markers")))
+    load_frames = load_frames or (lambda r: store.record_frames(r, res))
     oracle = store.oracle if getattr(config, "spa3r", None) == "oracle" else None
     answers = predict(model, records, load_frames, cfg.batch_size, oracle)
     path = cfg.out or os.path.join(os.path.dirname(cfg.json_out) if cfg.json_out else cfg.ckpt, "predictions.jsonl")
@@ -240,24 +292,95 @@ def model_predictions(cfg, records, model=None, load_frames=None):
     return {r["id"]: a for r, a in zip(records, answers)}
 
 
-def from_vsibench(row):
-    """A VSI-Bench record ({"id", "scene_name", "question_type", "question", "options", "ground_truth"}) as ours, to
-    score predictions with (write them to qa_val.jsonl; "image" is empty: this repo reads no videos). Its tasks
-    object_rel_direction_{easy,medium,hard} become object_rel_direction with a "difficulty", as VSI-Bench scores."""
+# -----------------------------------------------------------------------------
+# The benchmarks' own files, each row turned into our record (README: "Evaluation" lists the layouts)
+
+def from_sparbench(row, where):
+    """A SPAR-Bench row (jasonzhango/SPAR-Bench: id int, task, format_type, img_type, question with its options
+    inside, answer, image embedded) as our record; its "prompt" is the one sparbench's doc_to_text builds."""
+    task = row.get("task")
+    if task not in TASK_LEVEL or TASK_LEVEL[task] not in BENCHMARKS["SPAR-Bench"]:
+        raise ValueError(f"{where}: field 'task': unknown SPAR-Bench task {task!r}")
+    answer = str(row.get("answer", "")).strip()
+    select = row.get("format_type") == "select" or (row.get("format_type") is None and re.fullmatch("[A-H]", answer))
+    question = str(row.get("question", ""))
+    options = [f"{letter}. {text}" for letter, text in data.OPTION_LINE.findall(question)] if select else []
+    note = GRID_NOTE if task in ("position_matching", "camera_motion_infer") else ""
+    post = "" if task == "view_change_infer" else SELECT_LETTER if select else VSI_NUMBER_POST_PROMPT
+    record = {"id": str(row.get("id")), "task": task, "format_type": "select" if select else "fill",
+              "question": question, "prompt": "\n".join([question, note, post]).strip(), "answer": answer,
+              "options": options}
+    return record | image_files(row.get("image"), where)
+
+
+def from_vsibench(row, where="VSI-Bench"):
+    """A VSI-Bench row (nyu-visionx/VSI-Bench: id, dataset, scene_name, question_type, question, options (a list,
+    an array from pandas, or null), ground_truth) as our record. object_rel_direction_{easy,medium,hard} become
+    object_rel_direction with a "difficulty", as VSI-Bench scores them."""
     qtype = str(row.get("question_type"))
     m = re.fullmatch(r"(object_rel_direction)_(easy|medium|hard)", qtype)
     task, difficulty = m.groups() if m else (qtype, "")
     if TASK_LEVEL.get(task) not in BENCHMARKS["VSI-Bench"]:
-        raise ValueError(f"VSI-Bench record {row.get('id')!r}: field 'question_type': unknown {qtype!r}")
-    options = row.get("options") or []
-    record = {"id": str(row["id"]), "scene": str(row["scene_name"]), "task": task, "level": TASK_LEVEL[task],
-              "format_type": "select" if options else "fill", "img_type": "video", "image": [],
-              "question": row["question"], "answer": str(row["ground_truth"])}
-    if options:
-        record["options"] = list(options)
+        raise ValueError(f"{where}: field 'question_type': unknown VSI-Bench question type {qtype!r}")
+    options = row.get("options")
+    options = [] if options is None or isinstance(options, float) else [str(o) for o in options]  # NaN: pandas' null
+    record = {"id": str(row.get("id")), "scene": str(row.get("scene_name", "")), "task": task,
+              "format_type": "select" if options else "fill", "question": str(row.get("question", "")),
+              "answer": str(row.get("ground_truth", "")).strip(), "options": options}
     if difficulty:
         record["difficulty"] = difficulty
-    return record
+    return record | image_files(row.get("image"), where)
+
+
+def image_files(images, where):
+    """A row's images: {"image_files": [paths]} when they are file names (eval.py --ckpt reads them), else {}:
+    embedded pictures (SPAR-Bench's parquet) and videos are left out of scoring."""
+    if isinstance(images, list) and images and all(isinstance(i, str) for i in images):
+        return {"image_files": images}
+    return {}
+
+
+def from_lmms_eval(row, where):
+    """A line of lmms-eval's --log_samples file -> (its question's id, the model's answer, the question row or
+    None). The answer is filtered_resps (a string, or nested in lists, by version), else resps; the question is
+    the logged doc, or the task's metric value that holds it (sparbench_score, vsibench_score)."""
+    answer = row.get("filtered_resps", row.get("resps"))
+    while isinstance(answer, list) and answer:
+        answer = answer[0]
+    if not isinstance(answer, str):
+        raise ValueError(f"{where}: field 'filtered_resps': no answer text in {answer!r:.60}")
+    docs = [row.get("doc")] + [v for k, v in row.items() if k.endswith("_score")]
+    doc = next((d for d in docs if isinstance(d, dict) and "id" in d), None)
+    return str(doc["id"] if doc else row["doc_id"]), answer, doc
+
+
+def row_format(row):
+    """Which layout a row is in, told by its fields."""
+    if not isinstance(row, dict):
+        return None
+    if "doc_id" in row and ("filtered_resps" in row or "resps" in row):
+        return "lmms-eval"
+    if "question_type" in row and "ground_truth" in row:
+        return "VSI-Bench"
+    if "conversations" in row:
+        return "SPAR-7M"
+    if "scene" in row and "format_type" in row:
+        return "nanoSpa3R"
+    if "task" in row and "answer" in row and "question" in row:
+        return "SPAR-Bench"
+    if "id" in row and "prediction" in row:
+        return "predictions"
+    return None
+
+
+def read_rows(path):
+    """(where, row) of a JSON list or a JSONL file."""
+    if path.endswith(".json"):
+        rows = data.read_json(path)
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of records (or JSONL, one per line)")
+        return [(f"{path}: record {i}", row) for i, row in enumerate(rows)]
+    return [(f"{path}:{line}", row) for line, row in data.read_jsonl(path)]
 
 
 # -----------------------------------------------------------------------------
@@ -375,8 +498,9 @@ def ablation(arms):
 
 @dataclass
 class EvalConfig:
-    data: str = "data/spar"     # directory written by generate_spar.py
-    split: str = "val"          # questions from qa_{split}.jsonl: val | train
+    data: str = ""              # the questions: a folder of generate_spar.py, or a benchmark file (README lists them)
+    split: str = "val"          # a folder's questions: qa_{split}.jsonl, val | train
+    image_root: str = ""        # relative image file names in a benchmark file start here (default: its folder)
     tasks: str = ""             # score these tasks only (comma-separated; empty: all)
     predictions: str = ""       # score this file of {"id", "prediction"} lines ...
     ckpt: str = ""              # ... or run the Spa3-VLM checkpoint in this directory
@@ -403,19 +527,58 @@ def named_paths(option):
     return [(name or path, path) for name, _, path in (item.rpartition("=") for item in option.split(","))]
 
 
-def load_questions(data_dir, split):
-    """A split's questions. An unknown task (a misspelling) would count in `overall` but show in no table."""
-    path = os.path.join(data_dir, f"qa_{split}.jsonl")
-    records = data.load_qa_jsonl(path)
-    for record in records:
-        if record["task"] not in TASK_LEVEL:
-            problem = f"field 'task': unknown task {record['task']!r} (known: {', '.join(TASK_LEVEL)})"
-        elif record["format_type"] == "fill" and not parse_numbers(record["answer"]):
-            problem = f"field 'answer': no number in {record['answer']!r:.60}"
+def load_questions(source, split="val", image_root=""):
+    """The questions to score: DATA/qa_{split}.jsonl of a generated set (or of a SPAR-7M-layout folder), or a
+    benchmark file as published (SPAR-Bench, VSI-Bench, SPAR-7M; JSON list or JSONL), told apart by fields.
+    Relative image file names are taken from image_root (default: the file's folder)."""
+    path = os.path.join(source, f"qa_{split}.jsonl") if os.path.isdir(source) else source
+    root = image_root or os.path.dirname(path)
+    records, seen = [], {}
+    for where, row in read_rows(path):
+        kind = row_format(row)
+        if kind == "nanoSpa3R":
+            data.check_record(row, where)
+            record = row
+        elif kind == "SPAR-7M":
+            record = data.from_conversations(row, where, root if image_root or not os.path.isdir(source)
+                                             else os.path.join(source, "images"))
+        elif kind in ("SPAR-Bench", "VSI-Bench"):
+            record = (from_sparbench if kind == "SPAR-Bench" else from_vsibench)(row, where)
+            if "image_files" in record:
+                record["image_files"] = [os.path.join(root, name) for name in record["image_files"]]
         else:
-            continue
-        line = next(n for n, row in data.read_jsonl(path) if row["id"] == record["id"])  # ids are unique
-        raise ValueError(f"{path}:{line}: {problem}")
+            raise ValueError(f"{where}: not a question of a known layout (nanoSpa3R, SPAR-Bench, VSI-Bench, SPAR-7M); "
+                             f"fields: {', '.join(row) if isinstance(row, dict) else type(row).__name__}")
+        check_question(record, where)
+        if record["id"] in seen:
+            raise ValueError(f"{where}: field 'id': duplicate id {record['id']!r} (first at {seen[record['id']]})")
+        seen[record["id"]] = where
+        records.append(record)
+    return records
+
+
+def check_question(record, where):
+    """What scoring needs: a known task (a misspelling would count in `overall` but show in no table), a numeric
+    answer the scorer can read, a letter for multiple choice."""
+    if record["task"] not in TASK_LEVEL:
+        raise ValueError(f"{where}: field 'task': unknown task {record['task']!r} (known: {', '.join(TASK_LEVEL)})")
+    if record["format_type"] == "fill" and not answer_values(record["task"], record["answer"]):
+        raise ValueError(f"{where}: field 'answer': no number in {record['answer']!r:.60}")
+    if record["format_type"] == "select" and not re.fullmatch("[A-H]", record["answer"]):
+        raise ValueError(f"{where}: field 'answer': expected an option letter, got {record['answer']!r:.60}")
+
+
+def questions_of_log(path):
+    """The questions an lmms-eval --log_samples file carries in its docs (so it can be scored without --data)."""
+    records = []
+    for where, row in read_rows(path):
+        doc = from_lmms_eval(row, where)[2] if row_format(row) == "lmms-eval" else None
+        if doc is None or row_format(doc) not in ("SPAR-Bench", "VSI-Bench"):
+            raise ValueError(f"{where}: no SPAR-Bench or VSI-Bench question logged in this line: give the "
+                             f"questions with --data")
+        record = (from_sparbench if row_format(doc) == "SPAR-Bench" else from_vsibench)(doc, where)
+        check_question(record, where)
+        records.append(record)
     return records
 
 
@@ -434,9 +597,16 @@ def run(cfg, model=None, load_frames=None):
     if cfg.batch_size < 1 or cfg.res < 0 or cfg.split not in ("val", "train"):
         raise ValueError(f"need --batch_size >= 1, --res >= 0 and --split val or train, got {cfg.batch_size}, "
                          f"{cfg.res} and {cfg.split!r}")
-    records = load_questions(cfg.data, cfg.split)
+    if cfg.data:
+        records = load_questions(cfg.data, cfg.split, cfg.image_root)
+    elif cfg.predictions:
+        records = questions_of_log(cfg.predictions)
+    else:
+        raise ValueError("--data: give the questions (a generated folder or a benchmark file)")
     if not records:  # else the report would be `overall: 0.00`, as if every answer were wrong
-        raise ValueError(f"{os.path.join(cfg.data, f'qa_{cfg.split}.jsonl')}: no questions to score")
+        folder = os.path.isdir(cfg.data)
+        raise ValueError(f"{os.path.join(cfg.data, f'qa_{cfg.split}.jsonl') if folder else cfg.data or cfg.predictions}: "
+                         f"no questions to score")
     if cfg.tasks:
         unknown = [t for t in cfg.tasks.split(",") if t not in TASK_LEVEL]
         if unknown:  # a misspelt task would be left out silently
@@ -448,11 +618,12 @@ def run(cfg, model=None, load_frames=None):
         predictions = read_predictions(cfg.predictions, records)
     else:
         predictions = model_predictions(cfg, records, model, load_frames)
-    train_path = os.path.join(cfg.data, "qa_train.jsonl")
-    train = load_questions(cfg.data, "train") if os.path.exists(train_path) else None
+    train_path = os.path.join(cfg.data, "qa_train.jsonl")  # a generated set's; a benchmark file has none
+    train = load_questions(cfg.data, "train") if os.path.isdir(cfg.data) and os.path.exists(train_path) else None
     result = evaluate(records, predictions, train)
     if train is None:
-        print(f"note: no {train_path}: the chance baselines are left out")
+        print(f"note: no {train_path if os.path.isdir(cfg.data) else 'training questions'}: the chance baselines "
+              f"are left out")
     if result["n_missing"]:
         print(f"note: {result['n_missing']} of {len(records)} questions have no prediction; they score 0")
     if result["unreadable"]:

@@ -799,7 +799,9 @@ def finish_video(question, answer, images, markers=None):
 def prompt(record):
     """The text a model reads for a question record, assembled as the benchmark's lmms-eval task does it: a
     VSI-Bench question gets the pre-prompt, its options and the post-prompt (thinking-in-space, vsibench's
-    doc_to_text); a SPAR question carries its own (our generated ones; eval.from_sparbench adds the official ones)."""
+    doc_to_text); a SPAR question carries its own. A record read from another layout may bring its "prompt"."""
+    if "prompt" in record:
+        return record["prompt"]
     if record.get("task") not in VSI_TASKS:
         return record["question"]
     if record["format_type"] == "select":

@@ -95,14 +95,37 @@ def test_fill_uses_first_number_and_non_numbers_score_zero():
     assert ev.score_record(record, "two metres") == 0.0
 
 
-def test_view_change_is_mean_mra_per_axis_relative_to_truth():
-    record = question("q", "view_change_infer", "1.00, 2.00, -30")
+def test_view_change_is_mean_mra_over_spars_five_axes_relative_to_truth():
+    # SPAR's format: truth right 1, forward 2, turn left 30; axes up and rotate-up are 0 (a prediction that
+    # leaves them out, or says 0, scores 1 on each, as SPAR-Bench's evaluator does).
+    record = question("q", "view_change_infer", "move_right:1.00,move_forward:2.00,rotate_left:30")
+    assert ev.view_change_values(record["answer"]) == [1, 0, 2, -30, 0]
+    assert ev.score_record(record, "rotate_left:30, move_forward:2.00, move_right:1.00") == 1.0  # any order
+    # right 1.8 vs 1: error 0.8 of the truth -> 0 (dividing by the prediction, as SPAR's evaluator does, would
+    # give 0.44 -> 0.1); forward 2.1 vs 2: 5 % -> 0.9; turn exact -> 1; up and rotate-up 0 = 0 -> 1 each.
+    assert ev.score_record(record, "move_right: 1.8 m, move_forward: 2.1 m, rotate_left: 30 degrees") == \
+        pytest.approx((0 + 1 + 0.9 + 1 + 1) / 5)
+    # Our earlier bare format is read in its order (right, forward, turn right); nothing readable scores 0.
     assert ev.score_record(record, "1.00, 2.00, -30") == 1.0
-    # right 1.8 vs 1: error 0.8 of the truth -> 0 (dividing by the prediction would give 0.44 -> 0.1);
-    # forward 2.1 vs 2: 5 % -> 0.9; yaw -30 exact -> 1.
-    assert ev.score_record(record, "right 1.8 m, forward 2.1 m, turn -30 degrees") == pytest.approx((0 + 0.9 + 1) / 3)
-    # Fewer than three numbers: the missing axes score 0.
-    assert ev.score_record(record, "1.0, 2.0") == pytest.approx(2 / 3)
+    assert ev.score_record(record, "1.0, 2.0") == pytest.approx(4 / 5)
+    assert ev.score_record(record, "I cannot tell") == 0.0
+
+
+def test_a_wrong_direction_name_scores_zero_on_that_axis():
+    record = question("q", "view_change_infer", "move_right:0.50,move_forward:1.00,rotate_left:30")
+    # the same numbers, but left instead of right: that axis is -0.52 vs +0.5 -> 0; forward, turn, up, rotate-up 1
+    assert ev.score_record(record, "move_left:0.5,move_forward:1.0,rotate_left:30") == pytest.approx(4 / 5)
+    assert ev.score_record(record, "move_left:0.52,move_forward:1.0,rotate_right:30") == pytest.approx(3 / 5)
+    # both names: right minus left, as SPAR-Bench's evaluator sums them
+    assert ev.view_change_values("move_right:0.8,move_left:0.3") == [Fraction("0.5"), 0, 0, 0, 0]
+
+
+def test_spar_mv_tasks_read_the_last_number():
+    # SPAR-Bench's evaluator reads the last number of the _mv numeric answers (an "Image 2" comes first)
+    multi, single = question("m", "depth_prediction_oc_mv", "2.5"), question("s", "depth_prediction_oc", "2.5")
+    assert ev.score_record(multi, "In image 2 the object is 2.5 m away") == 1.0
+    assert ev.score_record(single, "2.5 m, not 2") == 1.0
+    assert ev.score_record(single, "Image 2: 2.5 m") == 0.6  # the first number: 2 is 20 % off, θ 0.50..0.75 pass
 
 
 # -----------------------------------------------------------------------------
@@ -210,10 +233,11 @@ def test_baselines_on_known_training_answers(tmp_path, capsys):
     train = [question(f"t{i}", "position_matching", a, three) for i, a in enumerate("ABBC")]      # most frequent: B
     train += [question(f"u{i}", "camera_motion_infer", a, three) for i, a in enumerate("BA")]     # tie -> A
     train += [question(f"w{i}", "depth_prediction_oo", a) for i, a in enumerate(["1", "1", "4"])]  # mean 2, mode 1
-    train += [question("x0", "view_change_infer", "1, 2, 30"), question("x1", "view_change_infer", "3, 2, 30")]
+    train += [question("x0", "view_change_infer", "move_right:1,move_forward:2,rotate_right:30"),
+              question("x1", "view_change_infer", "move_right:3,move_forward:2,rotate_right:30")]
     val = [question("p1", "position_matching", "B", three), question("p2", "position_matching", "A", three),
            question("p3", "position_matching", "B", three), question("m1", "camera_motion_infer", "A", three),
-           question("o1", "depth_prediction_oo", "2"), question("v1", "view_change_infer", "2, 2, 30"),
+           question("o1", "depth_prediction_oo", "2"), question("v1", "view_change_infer", "move_right:2,move_forward:2,rotate_right:30"),
            question("n1", "object_counting", "3")]                                               # not in train
     result, out = score_file(tmp_path, capsys, val, [], train)
     uniform, frequency = result["chance_uniform"]["tasks"], result["chance_frequency"]["tasks"]
@@ -222,9 +246,9 @@ def test_baselines_on_known_training_answers(tmp_path, capsys):
     assert frequency["camera_motion_infer"] == pytest.approx(100)
     assert uniform["depth_prediction_oo"] == pytest.approx(100)   # predicts 2 = truth
     assert frequency["depth_prediction_oo"] == pytest.approx(0)   # predicts 1: 50 % off
-    assert uniform["view_change_infer"] == pytest.approx(100)     # per-axis means (2, 2, 30)
-    # per-axis modes: right ties 1 vs 3 -> 1 (50 % off: 0); forward 2 and yaw 30 exact.
-    assert frequency["view_change_infer"] == pytest.approx(200 / 3)
+    assert uniform["view_change_infer"] == pytest.approx(100)     # per-axis means (2, 0, 2, 30, 0)
+    # per-axis modes: right ties 1 vs 3 -> 1 (50 % off: 0); forward 2, turn 30 and the two zero axes exact.
+    assert frequency["view_change_infer"] == pytest.approx(400 / 5)
     assert "object_counting" not in uniform and "object_counting" not in frequency
     assert "| object_counting | configuration | 1 | 0.00 | – | – |" in out
     assert result["n_missing"] == len(val) and f"{len(val)} of {len(val)} questions have no prediction" in out
@@ -322,9 +346,9 @@ def test_model_mode_feeds_frames_at_the_models_image_size(tmp_path, capsys, monk
         def __init__(self, data_dir):
             pass
 
-        def frames(self, scene, images, res, markers=None):
+        def record_frames(self, record, res):
             asked.add(res)
-            return torch.zeros(len(images), 3, 8, 8)
+            return torch.zeros(len(record["image"]), 3, 8, 8)
 
     class Sized(Oracle):
         config = type("Config", (), {"geo": type("Geo", (), {"image_size": 48})})
@@ -341,19 +365,140 @@ def test_model_mode_feeds_frames_at_the_models_image_size(tmp_path, capsys, monk
 # -----------------------------------------------------------------------------
 # VSI-Bench records and the command line
 
-def test_from_vsibench():
-    row = {"id": 17, "dataset": "arkitscenes", "scene_name": "41069025", "question_type": "object_rel_direction_hard",
-           "question": "If I am standing by the sofa ...", "options": ["A. left", "B. right", "C. back"],
-           "ground_truth": "C"}
-    record = ev.from_vsibench(row)
-    assert record == {"id": "17", "scene": "41069025", "task": "object_rel_direction", "level": "configuration",
-                      "format_type": "select", "img_type": "video", "image": [], "question": row["question"],
-                      "answer": "C", "options": ["A. left", "B. right", "C. back"], "difficulty": "hard"}
-    numeric = ev.from_vsibench({"id": 3, "scene_name": "s", "question_type": "room_size_estimation",
-                                "question": "?", "options": None, "ground_truth": 21.5})
-    assert numeric["format_type"] == "fill" and numeric["answer"] == "21.5" and "options" not in numeric
+# Benchmark files as published. Layouts: SPAR-Bench rows (jasonzhango/SPAR-Bench, exported with `datasets`:
+# int id, image a list of {"bytes", "path"}, options inside the question), VSI-Bench rows (nyu-visionx/VSI-Bench:
+# int id, options a list or null, ground_truth a string), lmms-eval --log_samples lines (v0.3 as SPAR ships it:
+# doc + resps [[...]] + filtered_resps [...]; v0.7: filtered_resps a string, the doc only under the metric key).
+
+SPAR_ROWS = [
+    {"id": 205, "img_type": "single_view", "format_type": "fill", "task": "depth_prediction_oc", "source": "scannet",
+     "image": [{"bytes": "iVBORw0KGgo=", "path": None}], "question": "What is the depth of the towel (red point)?",
+     "answer": "0.9"},
+    {"id": 206, "img_type": "multi_view", "format_type": "select", "task": "obj_spatial_relation_oc_mv",
+     "source": "scannet", "image": [{"bytes": "iVBORw0KGgo=", "path": None}] * 2,
+     "question": "Where is the chair?\nA. front-left\nB. front-right\nC. back-left\nD. back-right", "answer": "C"},
+    {"id": 207, "img_type": "multi_view", "format_type": "fill", "task": "view_change_infer", "source": "scannet",
+     "image": [], "question": "How did the camera move?", "answer": "move_right:0.5,move_forward:1.0,rotate_left:30"},
+    {"id": 208, "img_type": "multi_view", "format_type": "fill", "task": "distance_prediction_oo_mv",
+     "source": "scannet", "image": [], "question": "How far apart?", "answer": "2.5"},
+]
+SPAR_ANSWERS = {205: "0.9", 206: "back-left", 207: "move_left:0.5,move_forward:1.0,rotate_left:30",
+                208: "Image 2 shows it 2.5 m away"}
+# by hand: 1; C by the option's text; right axis wrong (4 of 5 axes); the last number 2.5
+SPAR_TASK_SCORES = {"depth_prediction_oc": 100, "obj_spatial_relation_oc_mv": 100, "view_change_infer": 80,
+                    "distance_prediction_oo_mv": 100}
+
+
+def spar_bench_file(tmp_path, as_json=False):
+    path = tmp_path / ("sparbench.json" if as_json else "sparbench.jsonl")
+    if as_json:
+        path.write_text(json.dumps(SPAR_ROWS))
+        return str(path)
+    return write_jsonl(path, SPAR_ROWS)
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_spar_bench_file_with_our_predictions(tmp_path, capsys, as_json):
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"id": i, "prediction": a} for i, a in SPAR_ANSWERS.items()])
+    result = ev.run(ev.EvalConfig(data=spar_bench_file(tmp_path, as_json), predictions=preds))
+    assert result["model"]["tasks"] == pytest.approx(SPAR_TASK_SCORES)
+    assert result["model"]["levels"] == pytest.approx({"low": 100, "middle": 80, "high": 100})
+    out = capsys.readouterr().out
+    assert "| obj_spatial_relation_oc_mv | high | 1 | 100.00 |" in out and "| **SPAR-Bench** | | 4 |" in out
+
+
+def lmms_eval_lines(version):
+    """lmms-eval --log_samples lines of SPAR_ROWS answered with SPAR_ANSWERS, as that version writes them."""
+    lines = []
+    for doc_id, row in enumerate(SPAR_ROWS):
+        doc = {k: v for k, v in row.items() if k != "image"} | {"prediction": SPAR_ANSWERS[row["id"]]}
+        metric = {**row, "image": ["<PIL.PngImagePlugin.PngImageFile image mode=RGB size=640x480 at 0x7F>"],
+                  "prediction": SPAR_ANSWERS[row["id"]]}
+        if version == "0.3":
+            lines.append({"doc_id": doc_id, "doc": doc, "target": row["answer"], "arguments": {"0": "max_new_tokens"},
+                          "resps": [[SPAR_ANSWERS[row["id"]]]], "filtered_resps": [SPAR_ANSWERS[row["id"]]],
+                          "doc_hash": "x", "sparbench_score": metric, "input": "\n" + row["question"]})
+        else:
+            lines.append({"doc_id": doc_id, "target": row["answer"], "filtered_resps": SPAR_ANSWERS[row["id"]],
+                          "token_counts": [None], "doc_hash": "x", "sparbench_score": metric, "input": "..."})
+    return lines
+
+
+@pytest.mark.parametrize("version", ["0.3", "0.7"])
+def test_lmms_eval_log_samples_score_alone_or_against_the_questions(tmp_path, version):
+    log = write_jsonl(tmp_path / "20260101_120000_samples_sparbench.jsonl", lmms_eval_lines(version))
+    alone = ev.run(ev.EvalConfig(predictions=log))  # the questions come from the logged docs
+    assert alone["model"]["tasks"] == pytest.approx(SPAR_TASK_SCORES) and alone["n_missing"] == 0
+    with_data = ev.run(ev.EvalConfig(data=spar_bench_file(tmp_path), predictions=log))
+    assert with_data["scores"] == alone["scores"]
+
+
+VSI_ROWS = [
+    {"id": 1334, "dataset": "arkitscenes", "scene_name": "42446103", "question_type": "object_rel_distance",
+     "question": "Measuring from the closest point of each object, which of these objects (chair, stool, stove, sofa) "
+                 "is the closest to the tv?", "ground_truth": "A", "options": ["A. chair", "B. stool", "C. stove", "D. sofa"]},
+    {"id": 530, "dataset": "arkitscenes", "scene_name": "41069025", "question_type": "room_size_estimation",
+     "question": "What is the size of this room (in square meters)? \nIf multiple rooms are shown, estimate the size "
+                 "of the combined space.", "ground_truth": "26.4", "options": None},
+    {"id": 0, "dataset": "arkitscenes", "scene_name": "41069025", "question_type": "object_counting",
+     "question": "How many table(s) are in this room?", "ground_truth": 4},            # an int, no options field
+    {"id": 957, "dataset": "arkitscenes", "scene_name": "41069025", "question_type": "object_rel_direction_hard",
+     "question": "If I am standing by the stove and facing the sofa, is the tv to my front-left, ...?",
+     "ground_truth": "B", "options": ["A. front-left", "B. back-right", "C. back-left", "D. front-right"]},
+    {"id": 958, "dataset": "arkitscenes", "scene_name": "41069025", "question_type": "object_rel_direction_easy",
+     "question": "If I am standing by the stove and facing the sofa, is the tv to the left or the right of the sofa?",
+     "ground_truth": "A", "options": ["A. left", "B. right"]},
+]
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_vsi_bench_rows(tmp_path, as_json):
+    path = tmp_path / ("vsi.json" if as_json else "vsi.jsonl")
+    path.write_text(json.dumps(VSI_ROWS)) if as_json else write_jsonl(path, VSI_ROWS)
+    answers = {1334: "A. chair", 530: "29.04", 0: "4", 957: "B", 958: "B"}  # 26.4 * 1.1: 10 % off -> 0.8
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"id": i, "prediction": a} for i, a in answers.items()])
+    result = ev.run(ev.EvalConfig(data=str(path), predictions=preds))
+    # object_rel_direction: the mean of its difficulties (hard 1, easy 0), as VSI-Bench reports it
+    assert result["model"]["tasks"] == pytest.approx({"object_rel_distance": 100, "room_size_estimation": 80,
+                                                      "object_counting": 100, "object_rel_direction": 50})
+    assert result["model"]["overall"] == pytest.approx((100 + 80 + 100 + 50) / 4)
+    counting = ev.load_questions(str(path))[2]
+    assert counting["answer"] == "4" and counting["format_type"] == "fill" and counting["id"] == "0"
+
+
+def test_vsi_bench_rows_from_pandas_with_array_options():
+    np = pytest.importorskip("numpy")
+    row = {**VSI_ROWS[0], "options": np.array(VSI_ROWS[0]["options"], dtype=object)}
+    assert ev.from_vsibench(row)["options"] == VSI_ROWS[0]["options"]
+    assert ev.from_vsibench({**VSI_ROWS[1], "options": float("nan")})["format_type"] == "fill"  # pandas' null
     with pytest.raises(ValueError, match="field 'question_type'"):
-        ev.from_vsibench({**row, "question_type": "object_rel_direction_extreme"})
+        ev.from_vsibench({**VSI_ROWS[3], "question_type": "object_rel_direction_extreme"})
+
+
+def test_spar7m_conversations_file(tmp_path):
+    rows = [{"id": "scene0261_00_16", "type": "depth_prediction_oc", "image": ["scene0261_00/image_color/543.jpg"],
+             "conversations": [{"from": "human", "value": "<image>\nWhat is the depth of the towel?"},
+                               {"from": "gpt", "value": "1.5"}]},
+            {"id": "scene0261_00_17", "type": "position_matching", "image": ["a.png", "b.png"],
+             "conversations": [{"from": "human", "value": "Which point?\nA. (1, 2)\nB. (3, 4)"},
+                               {"from": "gpt", "value": "B"}]}]
+    path = write_jsonl(tmp_path / "spar7m.jsonl", rows)
+    records = ev.load_questions(path, image_root="/scans/images")
+    assert records[0]["prompt"] == "What is the depth of the towel?" and records[0]["format_type"] == "fill"
+    assert records[0]["image_files"] == ["/scans/images/scene0261_00/image_color/543.jpg"]
+    assert records[1]["format_type"] == "select" and records[1]["options"] == ["A. (1, 2)", "B. (3, 4)"]
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"id": "scene0261_00_16", "prediction": "1.5"},
+                                               {"id": "scene0261_00_17", "prediction": "(3, 4)"}])
+    assert ev.run(ev.EvalConfig(data=path, predictions=preds))["model"]["overall"] == 100
+
+
+def test_unknown_layout_is_one_line_naming_the_file(tmp_path):
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"qid": 1, "text": "?"}])
+    with pytest.raises(ValueError, match=f"^{path}:1: not a question of a known layout .*fields: qid, text$"):
+        ev.load_questions(path)
+    log = write_jsonl(tmp_path / "log.jsonl", [{"doc_id": 0, "filtered_resps": ["B"]}])
+    with pytest.raises(ValueError, match=f"^{log}:1: no SPAR-Bench or VSI-Bench question logged"):
+        ev.run(ev.EvalConfig(predictions=log))
 
 
 def test_parse_args():
