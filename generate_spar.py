@@ -24,6 +24,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import struct
 import sys
 import time
@@ -1437,6 +1438,7 @@ class GenConfig:
     numeric_select: float = 0.25  # share of numeric SPAR questions asked as multiple choice
     vocab_size: int = 2048        # BPE vocabulary of tokenizer.json (0: do not train one)
     preview: int = 0              # write preview PNGs for this many scenes (one question of each task)
+    spar7m: bool = False          # also write spar7m/: the questions as SPAR-7M training records, frames as PNG
     from_scans: str = ""          # a directory of scanned scenes (SPAR RGBD layout) instead of procedural rooms
     val_fraction: float = 0.2     # with --from_scans: share of scanned scenes held out
     bench: bool = False           # print renderer frames/s per core and exit
@@ -1500,6 +1502,8 @@ def generate(config):
         print(f"{split}: {sum(job[2] == split for job in jobs)} scenes, {len(records[split])} questions")
     if config.preview:
         write_previews(config.out, records["train"] + records["val"], config.preview)
+    if config.spar7m:
+        write_spar7m(config.out, records)
     return records
 
 
@@ -1540,6 +1544,40 @@ def write_previews(out_dir, records, scenes):
             text += f"{record['question']}\n\nanswer: {record['answer']}\n"
             write_atomic(base + ".txt", text.encode())
     print(f"previews: {os.path.join(out_dir, 'preview')}")
+
+
+def write_spar7m(out_dir, records):
+    """spar7m/: the questions in SPAR-7M's training layout, for other trainers (LLaVA / InternVL / Qwen-VL
+    fine-tuning scripts) and for ours (train.py --stage=vlm --data=OUT/spar7m). qa_{split}.jsonl holds
+    {"id", "type": task, "image": [paths under images/], "conversations": [human: the prompt, gpt: the answer]}
+    (no "<image>" token: as with SPAR-7M, the loader places the images); the frames are PNGs at
+    images/<scene>/image_color/<frame>.png, and an image with markers gets its own marked copy at
+    images/<scene>/marked/<id>_<slot>.png (SPAR-7M draws its markers at load time from fields of its own)."""
+    root, written = os.path.join(out_dir, "spar7m"), set()
+    os.makedirs(root, exist_ok=True)
+    for split, rows in records.items():
+        lines, rgb, rgb_scene = [], None, None
+        for record in rows:
+            if record["scene"] != rgb_scene:
+                rgb_scene = record["scene"]
+                rgb = read_safetensors(os.path.join(out_dir, "scenes", rgb_scene + ".safetensors"))["rgb"]
+            paths = []
+            for slot, frame in enumerate(record["image"]):
+                marked = any(m["image"] == slot for m in record.get("markers", []))
+                path = f"{rgb_scene}/marked/{record['id']}_{slot}.png" if marked else f"{rgb_scene}/image_color/{frame}.png"
+                if path not in written:
+                    os.makedirs(os.path.dirname(os.path.join(root, "images", path)), exist_ok=True)
+                    write_png(os.path.join(root, "images", path),
+                              draw_markers(rgb[frame], record["markers"], slot) if marked else rgb[frame])
+                    written.add(path)
+                paths.append(path)
+            lines.append({"id": record["id"], "type": record["task"], "image": paths,
+                          "conversations": [{"from": "human", "value": prompt(record)},
+                                            {"from": "gpt", "value": record["answer"]}]})
+        write_atomic(os.path.join(root, f"qa_{split}.jsonl"), "".join(json.dumps(r) + "\n" for r in lines).encode())
+    if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+        shutil.copyfile(os.path.join(out_dir, "tokenizer.json"), os.path.join(root, "tokenizer.json"))
+    print(f"SPAR-7M layout: {root}")
 
 
 def bench(res=224, objects=30, frames=50):

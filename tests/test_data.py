@@ -203,6 +203,28 @@ def test_qa_dataset_draws_markers_on_the_marked_images(dataset_dir):
         assert marked == (not torch.equal(item["images"][slot], bare["images"][slot]))
 
 
+def test_spar7m_export_reads_back_as_the_same_training_items(dataset_dir, tmp_path):
+    """generate_spar's SPAR-7M layout (PNG frames, markers drawn into copies) read by data.py: the same prompts,
+    answers and images, to the bit, as the records and scenes they came from; the lines in SPAR-7M's fields."""
+    out = tmp_path / "set"
+    shutil.copytree(dataset_dir, out)
+    records = {split: data.load_qa_jsonl(str(out / f"qa_{split}.jsonl")) for split in ("train", "val")}
+    g.write_spar7m(str(out), records)
+    line = json.loads(open(out / "spar7m" / "qa_train.jsonl").readline())
+    assert set(line) == {"id", "type", "image", "conversations"}
+    assert [turn["from"] for turn in line["conversations"]] == ["human", "gpt"]
+    assert all((out / "spar7m" / "images" / path).is_file() for path in line["image"])
+    assert (out / "spar7m" / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    for split in ("train", "val"):
+        ours, theirs = data.QADataset(str(out), split, res=32), data.QADataset(str(out / "spar7m"), split, res=32)
+        assert len(ours) == len(theirs) == len(records[split])
+        for index in range(len(ours)):
+            a, b = ours[index], theirs[index]
+            assert (a["id"], a["task"], a["question"], a["answer"]) == (b["id"], b["task"], b["question"], b["answer"])
+            assert a["question"] == g.prompt(records[split][index])  # VSI questions assembled, as lmms-eval does
+            assert torch.equal(a["images"], b["images"]), a["id"]
+
+
 # -----------------------------------------------------------------------------
 # tokenizer
 

@@ -1,9 +1,11 @@
 """Tests for eval.py: every expected score here is worked out by hand (or by a brute-force loop), not by eval."""
 import json
 import os
+import sys
 from dataclasses import fields
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -467,7 +469,6 @@ def test_vsi_bench_rows(tmp_path, as_json):
 
 
 def test_vsi_bench_rows_from_pandas_with_array_options():
-    np = pytest.importorskip("numpy")
     row = {**VSI_ROWS[0], "options": np.array(VSI_ROWS[0]["options"], dtype=object)}
     assert ev.from_vsibench(row)["options"] == VSI_ROWS[0]["options"]
     assert ev.from_vsibench({**VSI_ROWS[1], "options": float("nan")})["format_type"] == "fill"  # pandas' null
@@ -490,6 +491,39 @@ def test_spar7m_conversations_file(tmp_path):
     preds = write_jsonl(tmp_path / "p.jsonl", [{"id": "scene0261_00_16", "prediction": "1.5"},
                                                {"id": "scene0261_00_17", "prediction": "(3, 4)"}])
     assert ev.run(ev.EvalConfig(data=path, predictions=preds))["model"]["overall"] == 100
+
+
+def test_model_mode_reads_a_benchmark_rows_image_files(tmp_path, monkeypatch):
+    """eval.py --ckpt on SPAR-Bench rows whose images are PNG files beside the file: the model is shown those
+    pictures at its own image size; a JPEG without Pillow, or a row without files, is a one-line error."""
+    import generate_spar as g
+    pictures = [np.full((16, 16, 3), value, dtype=np.uint8) for value in (0, 255)]
+    for name, picture in zip(("a.png", "b.png"), pictures):
+        g.write_png(str(tmp_path / name), picture)
+    rows = [{**SPAR_ROWS[0], "image": ["a.png"]}, {**SPAR_ROWS[1], "image": ["a.png", "b.png"]}]
+    bench = write_jsonl(tmp_path / "bench.jsonl", rows)
+    shown = []
+
+    class Sized(Oracle):
+        config = type("Config", (), {"geo": type("Geo", (), {"image_size": 8})})
+
+        def answer(self, records, images):
+            shown.extend(images)
+            return super().answer(records, images)
+
+    result = ev.run(ev.EvalConfig(data=bench, ckpt=str(tmp_path / "ckpt"), json_out=str(tmp_path / "s.json")),
+                    model=Sized())
+    assert result["model"]["overall"] == 100
+    assert [tuple(x.shape) for x in shown] == [(1, 3, 8, 8), (2, 3, 8, 8)]
+    assert shown[1][0].max() == 0 and shown[1][1].min() == 1  # a.png black, b.png white
+    jpeg = write_jsonl(tmp_path / "jpeg.jsonl", [{**SPAR_ROWS[0], "image": ["c.jpg"]}])
+    (tmp_path / "c.jpg").write_bytes(b"\xff\xd8\xff")
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as if Pillow were not installed
+    with pytest.raises(SystemExit, match="c.jpg: reading JPEG frames needs Pillow"):
+        ev.run(ev.EvalConfig(data=jpeg, ckpt=str(tmp_path / "ckpt"), json_out=str(tmp_path / "s.json")), model=Sized())
+    video = write_jsonl(tmp_path / "vsi.jsonl", VSI_ROWS[:1])
+    with pytest.raises(ValueError, match="question '1334' has no image files to show the model"):
+        ev.run(ev.EvalConfig(data=video, ckpt=str(tmp_path / "ckpt")), model=Sized())
 
 
 def test_unknown_layout_is_one_line_naming_the_file(tmp_path):

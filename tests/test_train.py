@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import data
 import generate_spar
 import train
 import vlm
@@ -191,6 +192,22 @@ def test_the_two_vlm_variants_start_alike_from_the_earlier_stages(single, data_d
     full = spa3_vlm.state_dict()
     for name, value in baseline.state_dict().items():  # everything the baseline has, Spa3-VLM starts with too
         assert torch.equal(full[name], value), name
+
+
+def test_vlm_trains_on_a_spar7m_layout_folder_as_on_the_data_it_came_from(single, data_dir, tmp_path):
+    """generate_spar's SPAR-7M export (no scenes/: images are PNG files) is a --data for stage vlm, and it
+    gives the very losses of the folder it was exported from."""
+    records = {split: data.load_qa_jsonl(os.path.join(data_dir, f"qa_{split}.jsonl")) for split in ("train", "val")}
+    export = tmp_path / "export"
+    shutil.copytree(data_dir, export)
+    generate_spar.write_spar7m(str(export), records)
+    args = ["train.py", "--stage=vlm", "--spa3r=none", f"--init_geo={os.path.join(single, 'geo')}"] + COMMON
+    check(run(args + [f"--data={export}", f"--out={tmp_path / 'ours'}"]))
+    check(run(args + [f"--data={export / 'spar7m'}", f"--out={tmp_path / 'theirs'}"]))
+    assert not (export / "spar7m" / "scenes").exists()
+    ours, theirs = losses(tmp_path / "ours"), losses(tmp_path / "theirs")
+    assert [row[:2] for row in theirs] == [row[:2] for row in ours] and len(ours) > 4  # train and val lines
+    assert [row[2] for row in theirs] == pytest.approx([row[2] for row in ours], rel=1e-6)
 
 
 def test_resuming_a_finished_stage_trains_nothing(single, data_dir, tmp_path):
