@@ -1,18 +1,21 @@
-"""eval.py: score answers to SPAR-Bench and VSI-Bench style questions, from our Spa3-VLM or any other system.
+"""eval.py: score answers to SPAR-Bench and VSI-Bench questions, from our Spa3-VLM or any other system.
 
     python eval.py --ckpt=out/vlm --data=data/spar --split=val   # run the model, write predictions.jsonl, score it
-    python eval.py --predictions=preds.jsonl --data=data/spar    # score a file of {"id", "prediction"} lines
+    python eval.py --predictions=preds.jsonl --data=FILE_OR_DIR  # score {"id", "prediction"} lines or an lmms-eval log
     python eval.py --compare=A=a.json,B=b.json   # or --ablation=A=a0.json+a1.json,B=...   or --gates=geo=metrics.jsonl
 
-Questions: DATA/qa_{split}.jsonl from generate_spar.py (or VSI-Bench's, via from_vsibench); answers: a file or vlm.py's
-model.answer(records, images); chance baselines: learned from DATA/qa_train.jsonl; train.py's gates use
-paired_bootstrap. stdout gets a markdown table and `overall: <score>`; --json_out keeps every number. In percent:
+Questions: DATA/qa_{split}.jsonl from generate_spar.py, or a SPAR-Bench / VSI-Bench / SPAR-7M file as published
+(told apart by fields, below); answers: a file or vlm.py's model.answer(records, images); chance baselines:
+learned from DATA/qa_train.jsonl; train.py's gates use paired_bootstrap. stdout gets a markdown table and
+`overall: <score>`; --json_out keeps every number. In percent:
 - fill: MRA, the mean over θ in {0.50, 0.55, ..., 0.95} of [|ŷ - y| / |y| < 1 - θ], ŷ the prediction's first
-  number, y the ground truth, in exact fractions (5 % off fails θ = 0.95). No number, or one too long to read,
-  scores 0; y = 0 only scores ŷ = 0; several values (view_change_infer) are matched in order and averaged.
+  number (the last for SPAR's numeric _mv tasks, as its evaluator reads them), y the ground truth, in exact
+  fractions (5 % off fails θ = 0.95). No number, or one too long to read, scores 0; y = 0 only scores ŷ = 0;
+  view_change_infer: the mean over SPAR's five signed axes, read by component name.
 - select: 1 if extract_letter reads the right letter, else 0 (an empty answer too).
 - a task: the mean over its questions (over difficulties first, as VSI-Bench does); a level, a benchmark and
-  `overall`: the mean over their tasks. A question without a prediction scores 0. README compares official scorers.
+  `overall`: the mean over their tasks. A question without a prediction scores 0. README compares the official
+  scorers, difference by difference.
 """
 import json
 import os
