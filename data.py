@@ -69,29 +69,67 @@ def check_record(record, where):
 
 
 OPTION_LINE = re.compile(r"^\s*\(?([A-H])[.):]\s+(.*\S)\s*$", re.MULTILINE)  # "A. chair" / "(B) left" on its own line
+OPTION_LETTER = re.compile(r"\(?([A-Ha-h])(?:[.):]|$)")  # an answer that is an option letter: "B", "b.", "(B) left"
+
+
+SPAR7M_POINTS, SPAR7M_BOXES = ["red", "blue", "green"], ["red", "blue", "green", "yellow"]  # its marker fields
 
 
 def from_conversations(row, where, image_root):
     """A SPAR-7M training line ({"id", "conversations": [human, gpt, ...], "image": [paths under image_root],
-    "type": task}) as our record. The human turn is the whole prompt (an "<image>" token in it is dropped: our
-    chat template places the images); an answer that is one letter makes a multiple-choice question."""
+    "type": task, markers: "red_point": [[x, y]], "blue_bbox": [[x0, y0, x1, y1]], ... on the 0-1000 grid, on
+    the images point_img_idx / bbox_img_idx name, in colour order}) as our record. The first human turn is the
+    whole prompt ("<image>" tokens dropped: our chat template places the images), the gpt turn after it the
+    answer (later turns are left out); an answer that is an option letter makes a multiple-choice question.
+    The scene is the images' first folder (SPAR-7M: <scene>/image_color/<frame>.jpg)."""
     turns = row.get("conversations")
-    if not (isinstance(turns, list) and len(turns) >= 2
-            and all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns[:2])):
-        raise ValueError(f"{where}: field 'conversations': expected a human and a gpt turn with string values")
+    if not (isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) for t in turns[:2])
+            and [t.get("from") for t in turns[:2]] == ["human", "gpt"]
+            and all(isinstance(t.get("value"), str) for t in turns[:2])):
+        raise ValueError(f"{where}: field 'conversations': expected a human turn, then a gpt turn, with string values")
     images = row.get("image", [])
     images = [images] if isinstance(images, str) else images
     if not (isinstance(images, list) and images and all(isinstance(i, str) and i for i in images)):
         raise ValueError(f"{where}: field 'image': expected a list of image paths, got {images!r:.60}")
     if not isinstance(row.get("type"), str):
         raise ValueError(f"{where}: field 'type': expected the task's name, got {row.get('type')!r:.60}")
-    text = re.sub(r"<image>\n?", "", turns[0]["value"]).strip()
+    text = re.sub(r"\s*<image>\s*", " ", turns[0]["value"]).strip()
     answer = turns[1]["value"].strip()
-    select = re.fullmatch("[A-H]", answer) is not None
-    return {"id": str(row.get("id")), "task": row["type"], "format_type": "select" if select else "fill",
-            "question": text, "prompt": text, "answer": answer, "image": [],
-            "options": [f"{k}. {v}" for k, v in OPTION_LINE.findall(text)] if select else [],
-            "image_files": [os.path.join(image_root, i) for i in images]}
+    letter = OPTION_LETTER.match(answer)
+    record = {"id": str(row.get("id")), "scene": images[0].replace("\\", "/").split("/")[0], "task": row["type"],
+              "format_type": "select" if letter else "fill", "question": text, "prompt": text,
+              "answer": letter.group(1).upper() if letter else answer, "image": [],
+              "options": [f"{k}. {v}" for k, v in OPTION_LINE.findall(text)] if letter else [],
+              "image_files": [os.path.join(image_root, i) for i in images]}
+    markers = spar7m_markers(row, where)
+    for marker in markers:
+        check_marker(marker, len(images), where)
+    return record | ({"markers": markers} if markers else {})
+
+
+def spar7m_markers(row, where):
+    """SPAR-7M's marker fields as our markers (a point; a box with its centre as the point)."""
+    markers = []
+    for kind, colors in (("point", SPAR7M_POINTS), ("bbox", SPAR7M_BOXES)):
+        present = [c for c in colors if row.get(f"{c}_{kind}")]
+        slots = (row.get(f"{kind}_img_idx") or [[0] * len(present)])[0]
+        if len(slots) < len(present):
+            raise ValueError(f"{where}: field '{kind}_img_idx': {len(slots)} image indices for {len(present)} markers")
+        for color, slot in zip(present, slots):
+            value = row[f"{color}_{kind}"][0]
+            if kind == "point":
+                markers.append({"image": slot, "color": color, "point": value})
+            else:
+                markers.append({"image": slot, "color": color, "box": value,
+                                "point": [(value[0] + value[2]) / 2, (value[1] + value[3]) / 2] if is_numbers(value, 4) else None})
+    return markers
+
+
+def image_root_of(path, image_root=""):
+    """Where the relative image names of a question file start: image_root if given, else the images/ folder
+    beside the file (SPAR-7M's layout, and generate_spar --spar7m's), else the file's own folder."""
+    beside = os.path.join(os.path.dirname(path), "images")
+    return image_root or (beside if os.path.isdir(beside) else os.path.dirname(path))
 
 
 def is_int(value):
@@ -185,7 +223,7 @@ def load_qa_jsonl(path):
     for line_number, record in read_jsonl(path):
         where = f"{path}:{line_number}"
         if isinstance(record, dict) and "conversations" in record:
-            record = from_conversations(record, where, os.path.join(os.path.dirname(path), "images"))
+            record = from_conversations(record, where, image_root_of(path))
         else:
             check_record(record, where)
         if record["id"] in seen:
@@ -314,6 +352,8 @@ def read_image_file(path):
     """An image file as uint8 (H, W, 3): PNG with the standard library, JPEG with Pillow (a one-line error without)."""
     require_file(path)
     image = read_image(path)
+    if image.dtype == np.uint16:  # a 16-bit PNG: to the 8 bits the rest of the code reads
+        image = (image.astype(np.uint32) * 255 // 65535).astype(np.uint8)
     return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
 
 
@@ -501,6 +541,9 @@ class QADataset(torch.utils.data.Dataset):
         item = {"id": record["id"], "task": record["task"], "images": images, "question": prompt(record),
                 "answer": record["answer"], "record": record}
         if self.oracle:  # the ablation's oracle arm: true 3D tokens (see oracle_tokens)
+            if record.get("image_files"):
+                raise ValueError(f"{self.path}: record {record['id']!r}: the oracle arm needs a scene's ground truth; "
+                                 f"this record has only image files")
             item["oracle"] = self.store.oracle(record)
         return item
 

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from generate_spar import (GRID_NOTE, SELECT_LETTER, SPAR_TASKS, TASKS, VSI_NUMBER_POST_PROMPT, VSI_TASKS, parse_args,
+from generate_spar import (GRID_NOTE, NUMBER_POST_PROMPT, SELECT_LETTER, SPAR_TASKS, TASKS, VSI_TASKS, parse_args,
                            write_atomic)
 
 BENCHMARKS = {"SPAR-Bench": {}, "VSI-Bench": {}}  # benchmark -> level -> [task], in generate_spar.TASKS's order
@@ -115,32 +115,25 @@ def mra(pred, truth):
 # Its evaluator reads five signed axes, each direction minus its opposite; a component not named is 0.
 VIEW_AXES = [("move_right", "move_left"), ("move_up", "move_down"), ("move_forward", "move_backward"),
              ("rotate_right", "rotate_left"), ("rotate_up", "rotate_down")]
-COMPONENT = re.compile(r"\b(move_(?:right|left|up|down|forward|backward)|rotate_(?:right|left|up|down))\b\s*[:=]?\s*("
-                       + NUMBER.pattern + ")")
+COMPONENT = re.compile(r"\b(move_(?:right|left|up|down|forward|backward)|rotate_(?:right|left|up|down))\b"
+                       r"\s*(?:[:=]|is)?\s*(" + NUMBER.pattern + ")", re.IGNORECASE)  # "Move_Left: 0.5 m", "move_left is 0.5"
 # SPAR-Bench's evaluator reads the last number of these tasks' answers (the first may be an image's number)
 LAST_NUMBER_TASKS = {"depth_prediction_oc_mv", "depth_prediction_oo_mv", "distance_prediction_oc_mv",
                      "distance_prediction_oo_mv"}
 
 
 def view_change_values(text):
-    """The five signed axes of a view_change_infer answer (right, up, forward, rotate right, rotate up), signs
-    from the names ("move_left:0.5" is right = -0.5). An answer that names no component is read in the order
-    of our earlier bare format: right, forward, turn right. [] if none; None: a number too long to read."""
-    named = COMPONENT.findall(text)
+    """The five signed axes of a view_change_infer answer (right, up, forward, rotate right, rotate up): each
+    named component found anywhere, in any case, the last of a name counting (as SPAR's evaluator keeps it),
+    its opposite subtracted ("move_left:0.5" is right = -0.5). [] if it names none (it scores 0, as SPAR's
+    evaluator scores an answer it cannot read); None if a number is too long to read."""
+    named = {name.lower(): number for name, number in COMPONENT.findall(text)}
     if not named:
-        numbers = parse_numbers(text)
-        if not numbers:  # nothing read scores 0, not the free points of the axes whose truth is 0
-            return numbers
-        bare = dict(zip((0, 2, 3), numbers))
-        return [bare.get(axis, Fraction(0)) for axis in range(len(VIEW_AXES))]
-    values = [Fraction(0)] * len(VIEW_AXES)
-    for name, number in named:
-        axis = next(k for k, pair in enumerate(VIEW_AXES) if name in pair)
-        try:
-            values[axis] += Fraction(number) * (1 if name == VIEW_AXES[axis][0] else -1)
-        except ValueError:
-            return None
-    return values
+        return []
+    try:
+        return [Fraction(named.get(ahead, 0)) - Fraction(named.get(back, 0)) for ahead, back in VIEW_AXES]
+    except ValueError:
+        return None
 
 
 def answer_values(task, text):
@@ -230,32 +223,6 @@ def evaluate(records, predictions, train=None):
 # -----------------------------------------------------------------------------
 # Where the answers come from: a predictions file ({"id": str, "prediction": str} per line), or a model
 
-def read_predictions(path, records):
-    """id -> prediction, from {"id", "prediction"} lines or lmms-eval's --log_samples lines. Any malformed line is a
-    one-line ValueError naming the file, the line and the field."""
-    known, predictions, first = {record["id"] for record in records}, {}, {}
-    for where, row in read_rows(path):
-        pid, prediction, _ = (from_lmms_eval if row_format(row) == "lmms-eval" else our_prediction)(row, where)
-        if pid in first:
-            raise ValueError(f"{where}: field 'id': duplicate id {pid!r} (first at {first[pid]})")
-        if pid not in known:
-            raise ValueError(f"{where}: field 'id': id {pid!r} is not among the questions")
-        first[pid], predictions[pid] = where, prediction
-    return predictions
-
-
-def our_prediction(row, where):
-    """A {"id", "prediction"} line -> (id, prediction, None)."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object with fields 'id' and 'prediction'")
-    pid, prediction = row.get("id"), row.get("prediction")
-    if isinstance(pid, bool) or not isinstance(pid, (str, int)):
-        raise ValueError(f"{where}: field 'id': must be a string, got {pid!r:.60}")
-    if not isinstance(prediction, str):
-        raise ValueError(f"{where}: field 'prediction': must be a string, got {prediction!r:.60}")
-    return str(pid), prediction, None  # benchmark ids are integers; the question readers make them strings too
-
-
 def predict(model, records, load_frames, batch_size=16, load_oracle=None):
     """One answer per record from model.answer(records, images[, oracle]) a batch at a time, in order. images[i]:
     load_frames(records[i]), float32 (N_i, 3, H, W) in [0, 1]; oracle[i]: load_oracle(records[i]), the oracle arm's."""
@@ -296,68 +263,22 @@ def model_predictions(cfg, records, model=None, load_frames=None):
 
 
 # -----------------------------------------------------------------------------
-# The benchmarks' own files, each row turned into our record (README: "Evaluation" lists the layouts)
+# The questions: a generated set's, or a benchmark's file as published, each row turned into our record; and
+# the answers: {"id", "prediction"} lines, or lmms-eval's --log_samples. README "Evaluation" lists the layouts.
 
-def from_sparbench(row, where):
-    """A SPAR-Bench row (jasonzhango/SPAR-Bench: id int, task, format_type, img_type, question with its options
-    inside, answer, image embedded) as our record; its "prompt" is the one sparbench's doc_to_text builds."""
-    task = row.get("task")
-    if task not in TASK_LEVEL or TASK_LEVEL[task] not in BENCHMARKS["SPAR-Bench"]:
-        raise ValueError(f"{where}: field 'task': unknown SPAR-Bench task {task!r}")
-    answer = str(row.get("answer", "")).strip()
-    select = row.get("format_type") == "select" or (row.get("format_type") is None and re.fullmatch("[A-H]", answer))
-    question = str(row.get("question", ""))
-    options = [f"{letter}. {text}" for letter, text in data.OPTION_LINE.findall(question)] if select else []
-    note = GRID_NOTE if task in ("position_matching", "camera_motion_infer") else ""
-    post = "" if task == "view_change_infer" else SELECT_LETTER if select else VSI_NUMBER_POST_PROMPT
-    record = {"id": str(row.get("id")), "task": task, "format_type": "select" if select else "fill",
-              "question": question, "prompt": "\n".join([question, note, post]).strip(), "answer": answer,
-              "options": options}
-    return record | image_files(row.get("image"), where)
+def read_rows(path):
+    """(where, row) of a file holding a JSON list or JSON lines, told by its first character, whatever its name
+    (datasets' to_json("x.json") writes lines); a UTF-8 byte-order mark is skipped."""
+    data.require_file(path)
+    with open(path, "rb") as f:
+        raw = f.read().removeprefix(b"\xef\xbb\xbf")
+    if raw.lstrip()[:1] == b"[":
+        return [(f"{path}: record {i}", row) for i, row in enumerate(data.parse_json(raw, path))]
+    return [(f"{path}:{n}", data.parse_json(line.rstrip(b"\r"), path, n))
+            for n, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
 
 
-def from_vsibench(row, where="VSI-Bench"):
-    """A VSI-Bench row (nyu-visionx/VSI-Bench: id, dataset, scene_name, question_type, question, options (a list,
-    an array from pandas, or null), ground_truth) as our record. object_rel_direction_{easy,medium,hard} become
-    object_rel_direction with a "difficulty", as VSI-Bench scores them."""
-    qtype = str(row.get("question_type"))
-    m = re.fullmatch(r"(object_rel_direction)_(easy|medium|hard)", qtype)
-    task, difficulty = m.groups() if m else (qtype, "")
-    if TASK_LEVEL.get(task) not in BENCHMARKS["VSI-Bench"]:
-        raise ValueError(f"{where}: field 'question_type': unknown VSI-Bench question type {qtype!r}")
-    options = row.get("options")
-    options = [] if options is None or isinstance(options, float) else [str(o) for o in options]  # NaN: pandas' null
-    record = {"id": str(row.get("id")), "scene": str(row.get("scene_name", "")), "task": task,
-              "format_type": "select" if options else "fill", "question": str(row.get("question", "")),
-              "answer": str(row.get("ground_truth", "")).strip(), "options": options}
-    if difficulty:
-        record["difficulty"] = difficulty
-    return record | image_files(row.get("image"), where)
-
-
-def image_files(images, where):
-    """A row's images: {"image_files": [paths]} when they are file names (eval.py --ckpt reads them), else {}:
-    embedded pictures (SPAR-Bench's parquet) and videos are left out of scoring."""
-    if isinstance(images, list) and images and all(isinstance(i, str) for i in images):
-        return {"image_files": images}
-    return {}
-
-
-def from_lmms_eval(row, where):
-    """A line of lmms-eval's --log_samples file -> (its question's id, the model's answer, the question row or
-    None). The answer is filtered_resps (a string, or nested in lists, by version), else resps; the question is
-    the logged doc, or the task's metric value that holds it (sparbench_score, vsibench_score)."""
-    answer = row.get("filtered_resps", row.get("resps"))
-    while isinstance(answer, list) and answer:
-        answer = answer[0]
-    if not isinstance(answer, str):
-        raise ValueError(f"{where}: field 'filtered_resps': no answer text in {answer!r:.60}")
-    docs = [row.get("doc")] + [v for k, v in row.items() if k.endswith("_score")]
-    doc = next((d for d in docs if isinstance(d, dict) and "id" in d), None)
-    return str(doc["id"] if doc else row["doc_id"]), answer, doc
-
-
-def row_format(row):
+def row_layout(row):
     """Which layout a row is in, told by its fields."""
     if not isinstance(row, dict):
         return None
@@ -371,19 +292,180 @@ def row_format(row):
         return "nanoSpa3R"
     if "task" in row and "answer" in row and "question" in row:
         return "SPAR-Bench"
-    if "id" in row and "prediction" in row:
-        return "predictions"
     return None
 
 
-def read_rows(path):
-    """(where, row) of a JSON list or a JSONL file."""
-    if path.endswith(".json"):
-        rows = data.read_json(path)
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of records (or JSONL, one per line)")
-        return [(f"{path}: record {i}", row) for i, row in enumerate(rows)]
-    return [(f"{path}:{line}", row) for line, row in data.read_jsonl(path)]
+def as_id(value, where, field="id"):
+    """An id as a string: benchmark ids are integers (whole floats, from pandas, too)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{where}: field '{field}': must be a string or an integer, got {value!r:.60}")
+    return str(value)
+
+
+def image_files(row, image_root):
+    """A row's images as files under image_root ({"image_files": [...]}) when they are file names; embedded
+    pictures (SPAR-Bench's parquet), logged picture descriptions and videos give {}: left out of scoring."""
+    images = row.get("image")
+    images = [images] if isinstance(images, str) else images
+    if isinstance(images, list) and images and all(isinstance(i, str) and not i.startswith("<") for i in images):
+        return {"image_files": [os.path.join(image_root, i) for i in images]}
+    return {}
+
+
+GRID_TASKS = ("position_matching", "camera_motion_infer")  # SPAR-Bench's prompt explains their 0-1000 values
+
+
+def from_sparbench(row, where, image_root=""):
+    """A SPAR-Bench row (jasonzhango/SPAR-Bench: int id, task, format_type, question with its options inside,
+    answer, images embedded) as our record; "prompt" is what sparbench's doc_to_text builds. Without a
+    format_type a task is multiple choice where SPAR-Bench's scorer says so: high level, position, camera motion."""
+    task = row.get("task")
+    if task not in SPAR_TASKS:
+        raise ValueError(f"{where}: field 'task': unknown SPAR-Bench task {task!r}")
+    select = row.get("format_type", "select" if TASK_LEVEL[task] == "high" or task in GRID_TASKS else "fill") == "select"
+    question, answer = str(row.get("question", "")), str(row.get("answer", "")).strip()
+    if select:
+        answer, prompt = answer.upper(), f"{question}\n{GRID_NOTE if task in GRID_TASKS else ''}\n{SELECT_LETTER}"
+    else:
+        prompt = question if task == "view_change_infer" else f"{question}\n{NUMBER_POST_PROMPT}"
+    options = [f"{letter}. {text}" for letter, text in data.OPTION_LINE.findall(question)] if select else []
+    return {"id": as_id(row.get("id"), where), "task": task, "format_type": "select" if select else "fill",
+            "question": question, "prompt": prompt, "answer": answer, "options": options} | image_files(row, image_root)
+
+
+def from_vsibench(row, where, image_root=""):
+    """A VSI-Bench row (nyu-visionx/VSI-Bench: int id, dataset, scene_name, question_type, question, options (a
+    list, an array from pandas, or null), ground_truth) as our record. object_rel_direction_{easy,medium,hard}
+    become object_rel_direction with a "difficulty", as VSI-Bench scores them."""
+    qtype = str(row.get("question_type"))
+    m = re.fullmatch(r"(object_rel_direction)_(easy|medium|hard)", qtype)
+    task, difficulty = m.groups() if m else (qtype, "")
+    if task not in VSI_TASKS:
+        raise ValueError(f"{where}: field 'question_type': unknown VSI-Bench question type {qtype!r}")
+    options = row.get("options")
+    if options is None or isinstance(options, float):  # NaN: pandas' null
+        options = []
+    elif isinstance(options, str) or not hasattr(options, "__iter__"):
+        raise ValueError(f"{where}: field 'options': expected a list of options, got {options!r:.60}")
+    record = {"id": as_id(row.get("id"), where), "scene": str(row.get("scene_name", "")), "task": task,
+              "format_type": "select" if len(options) else "fill", "question": str(row.get("question", "")),
+              "answer": str(row.get("ground_truth", "")).strip(), "options": [str(o) for o in options]}
+    return record | ({"difficulty": difficulty} if difficulty else {}) | image_files(row, image_root)
+
+
+def from_ours(row, where, image_root=""):
+    data.check_record(row, where)
+    return row
+
+
+READERS = {"nanoSpa3R": from_ours, "SPAR-Bench": from_sparbench, "VSI-Bench": from_vsibench,
+           "SPAR-7M": data.from_conversations}
+
+
+def load_questions(source, split="val", image_root=""):
+    """The questions to score: DATA/qa_{split}.jsonl of a folder (generate_spar.py's, or a SPAR-7M-layout one),
+    or a file in one of READERS' layouts. Relative image names start at data.image_root_of."""
+    path = os.path.join(source, f"qa_{split}.jsonl") if os.path.isdir(source) else source
+    records, seen, root = [], {}, data.image_root_of(path, image_root)
+    for where, row in read_rows(path):
+        layout = row_layout(row)
+        if layout not in READERS:
+            raise ValueError(f"{where}: not a question of a known layout ({', '.join(READERS)}); fields: "
+                             f"{', '.join(row) if isinstance(row, dict) else type(row).__name__}")
+        record = READERS[layout](row, where, root)
+        check_question(record, where)
+        if record["id"] in seen:
+            raise ValueError(f"{where}: field 'id': duplicate id {record['id']!r} (first at {seen[record['id']]})")
+        seen[record["id"]] = where
+        records.append(record)
+    return records
+
+
+def check_question(record, where):
+    """What scoring needs: a known task (a misspelling would count in `overall` but show in no table), a numeric
+    answer the scorer can read, a letter for multiple choice."""
+    if record["task"] not in TASK_LEVEL:
+        raise ValueError(f"{where}: field 'task': unknown task {record['task']!r} (known: {', '.join(TASK_LEVEL)})")
+    if record["format_type"] == "fill" and not answer_values(record["task"], record["answer"]):
+        wanted = "named component (move_right:0.5,...)" if record["task"] == "view_change_infer" else "number"
+        raise ValueError(f"{where}: field 'answer': no {wanted} in {record['answer']!r:.60}")
+    if record["format_type"] == "select" and not re.fullmatch("[A-H]", record["answer"]):
+        raise ValueError(f"{where}: field 'answer': expected an option letter, got {record['answer']!r:.60}")
+
+
+def logged(row, where):
+    """A line of lmms-eval's --log_samples -> (answer, its question's row or None). The answer is filtered_resps
+    (a string, or nested in lists, by version), else resps; the question is the logged doc, or the metric value
+    that holds it (sparbench_score, vsibench_score; the only place v0.4 and later keep it)."""
+    answer = row.get("filtered_resps", row.get("resps"))
+    while isinstance(answer, list) and answer:
+        answer = answer[0]
+    if not isinstance(answer, str):
+        raise ValueError(f"{where}: field 'filtered_resps': no answer text in {answer!r:.60}")
+    docs = [row.get("doc")] + [value for key, value in row.items() if key.endswith("_score")]
+    return answer, next((d for d in docs if row_layout(d) in ("SPAR-Bench", "VSI-Bench")), None)
+
+
+def questions_of_log(path):
+    """The questions an lmms-eval --log_samples file carries in its docs (so it can be scored without --data)."""
+    records = []
+    for where, row in read_rows(path):
+        doc = logged(row, where)[1] if row_layout(row) == "lmms-eval" else None
+        if doc is None:
+            raise ValueError(f"{where}: no SPAR-Bench or VSI-Bench question logged in this line: give the "
+                             f"questions with --data")
+        record = READERS[row_layout(doc)](doc, where)
+        record.pop("image_files", None)  # logged pictures are descriptions, not files
+        check_question(record, where)
+        records.append(record)
+    return records
+
+
+def read_predictions(path, questions):
+    """id -> prediction, and how many lines name no question here (other tasks, or a larger set: left out).
+    questions: every question of --data in its order (lmms-eval's doc_id is a position in it). A malformed
+    line, or a logged question that is not --data's, is a one-line ValueError naming the file, line and field."""
+    by_id, predictions, first, skipped = {q["id"]: q for q in questions}, {}, {}, 0
+    for where, row in read_rows(path):
+        pid, prediction = (logged_prediction if row_layout(row) == "lmms-eval" else our_prediction)(row, where, questions)
+        if pid in first:
+            raise ValueError(f"{where}: field 'id': duplicate id {pid!r} (first at {first[pid]})")
+        first[pid] = where
+        if pid in by_id:
+            predictions[pid] = prediction
+        else:
+            skipped += 1
+    return predictions, skipped
+
+
+def our_prediction(row, where, questions):
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with fields 'id' and 'prediction'")
+    if not isinstance(row.get("prediction"), str):
+        raise ValueError(f"{where}: field 'prediction': must be a string, got {row.get('prediction')!r:.60}")
+    return as_id(row.get("id"), where), row["prediction"]
+
+
+def logged_prediction(row, where, questions):
+    """(id, answer) of an lmms-eval line; its logged question (or, without one, the doc_id-th of --data) must
+    agree with --data's on the task and the answer, else the two are different releases or orders."""
+    answer, doc = logged(row, where)
+    if doc is not None:
+        logged_question = READERS[row_layout(doc)](doc, where)
+        pid, task, truth = logged_question["id"], logged_question["task"], logged_question["answer"]
+    else:
+        index = row.get("doc_id")
+        if not (data.is_int(index) and 0 <= index < len(questions)):
+            raise ValueError(f"{where}: field 'doc_id': {index!r} is not a position among the {len(questions)} questions")
+        pid, task, truth = questions[index]["id"], None, row.get("target")
+    question = next((q for q in questions if q["id"] == pid), None)
+    if question is not None and (task not in (None, question["task"])
+                                 or truth is not None and str(truth).strip() != question["answer"]):
+        raise ValueError(f"{where}: field 'target': the logged question {pid!r} ({task or 'doc_id'}, answer {truth!r}) "
+                         f"is not --data's ({question['task']}, answer {question['answer']!r}): another release?")
+    return pid, answer
 
 
 # -----------------------------------------------------------------------------
@@ -530,61 +612,6 @@ def named_paths(option):
     return [(name or path, path) for name, _, path in (item.rpartition("=") for item in option.split(","))]
 
 
-def load_questions(source, split="val", image_root=""):
-    """The questions to score: DATA/qa_{split}.jsonl of a generated set (or of a SPAR-7M-layout folder), or a
-    benchmark file as published (SPAR-Bench, VSI-Bench, SPAR-7M; JSON list or JSONL), told apart by fields.
-    Relative image file names are taken from image_root (default: the file's folder)."""
-    path = os.path.join(source, f"qa_{split}.jsonl") if os.path.isdir(source) else source
-    root = image_root or os.path.dirname(path)
-    records, seen = [], {}
-    for where, row in read_rows(path):
-        kind = row_format(row)
-        if kind == "nanoSpa3R":
-            data.check_record(row, where)
-            record = row
-        elif kind == "SPAR-7M":
-            record = data.from_conversations(row, where, root if image_root or not os.path.isdir(source)
-                                             else os.path.join(source, "images"))
-        elif kind in ("SPAR-Bench", "VSI-Bench"):
-            record = (from_sparbench if kind == "SPAR-Bench" else from_vsibench)(row, where)
-            if "image_files" in record:
-                record["image_files"] = [os.path.join(root, name) for name in record["image_files"]]
-        else:
-            raise ValueError(f"{where}: not a question of a known layout (nanoSpa3R, SPAR-Bench, VSI-Bench, SPAR-7M); "
-                             f"fields: {', '.join(row) if isinstance(row, dict) else type(row).__name__}")
-        check_question(record, where)
-        if record["id"] in seen:
-            raise ValueError(f"{where}: field 'id': duplicate id {record['id']!r} (first at {seen[record['id']]})")
-        seen[record["id"]] = where
-        records.append(record)
-    return records
-
-
-def check_question(record, where):
-    """What scoring needs: a known task (a misspelling would count in `overall` but show in no table), a numeric
-    answer the scorer can read, a letter for multiple choice."""
-    if record["task"] not in TASK_LEVEL:
-        raise ValueError(f"{where}: field 'task': unknown task {record['task']!r} (known: {', '.join(TASK_LEVEL)})")
-    if record["format_type"] == "fill" and not answer_values(record["task"], record["answer"]):
-        raise ValueError(f"{where}: field 'answer': no number in {record['answer']!r:.60}")
-    if record["format_type"] == "select" and not re.fullmatch("[A-H]", record["answer"]):
-        raise ValueError(f"{where}: field 'answer': expected an option letter, got {record['answer']!r:.60}")
-
-
-def questions_of_log(path):
-    """The questions an lmms-eval --log_samples file carries in its docs (so it can be scored without --data)."""
-    records = []
-    for where, row in read_rows(path):
-        doc = from_lmms_eval(row, where)[2] if row_format(row) == "lmms-eval" else None
-        if doc is None or row_format(doc) not in ("SPAR-Bench", "VSI-Bench"):
-            raise ValueError(f"{where}: no SPAR-Bench or VSI-Bench question logged in this line: give the "
-                             f"questions with --data")
-        record = (from_sparbench if row_format(doc) == "SPAR-Bench" else from_vsibench)(doc, where)
-        check_question(record, where)
-        records.append(record)
-    return records
-
-
 def run(cfg, model=None, load_frames=None):
     """Everything `python eval.py` does; model and load_frames stand in for the checkpoint and scene files."""
     if cfg.gates:  # this and the next two: a table of earlier runs' files
@@ -601,11 +628,12 @@ def run(cfg, model=None, load_frames=None):
         raise ValueError(f"need --batch_size >= 1, --res >= 0 and --split val or train, got {cfg.batch_size}, "
                          f"{cfg.res} and {cfg.split!r}")
     if cfg.data:
-        records = load_questions(cfg.data, cfg.split, cfg.image_root)
+        questions = load_questions(cfg.data, cfg.split, cfg.image_root)
     elif cfg.predictions:
-        records = questions_of_log(cfg.predictions)
+        questions = questions_of_log(cfg.predictions)
     else:
         raise ValueError("--data: give the questions (a generated folder or a benchmark file)")
+    records = questions
     if not records:  # else the report would be `overall: 0.00`, as if every answer were wrong
         folder = os.path.isdir(cfg.data)
         raise ValueError(f"{os.path.join(cfg.data, f'qa_{cfg.split}.jsonl') if folder else cfg.data or cfg.predictions}: "
@@ -618,7 +646,9 @@ def run(cfg, model=None, load_frames=None):
         if not records:
             raise ValueError(f"{cfg.data}: no {cfg.split} questions of the tasks {cfg.tasks}")
     if cfg.predictions:
-        predictions = read_predictions(cfg.predictions, records)
+        predictions, skipped = read_predictions(cfg.predictions, questions)
+        if skipped:
+            print(f"note: {skipped} predictions name no question of {cfg.data or cfg.predictions}; left out")
     else:
         predictions = model_predictions(cfg, records, model, load_frames)
     train_path = os.path.join(cfg.data, "qa_train.jsonl")  # a generated set's; a benchmark file has none

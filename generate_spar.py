@@ -634,7 +634,7 @@ FILL_METRES = "Answer with a single number in meters."
 # The evaluators' own prompt parts (lmms-eval tasks vsibench and sparbench, see prompt() below)
 SELECT_LETTER = "Answer with the option's letter from the given choices directly."
 VSI_PRE_PROMPT = "These are frames of a video."
-VSI_NUMBER_POST_PROMPT = "Please answer the question using a single word or phrase."
+NUMBER_POST_PROMPT = "Please answer the question using a single word or phrase."
 GRID_NOTE = ("The values represent the bounding box coordinates normalized to a 0-1000 scale, with the top-left "
              "corner as the origin of the image.")
 QUADRANTS = ["front-left", "front-right", "back-left", "back-right"]
@@ -691,12 +691,14 @@ def closest_box_distance(a, b, iterations=200):
     return float(np.linalg.norm(project_onto(b, p) - p))
 
 
-def relation_word(right_a, forward_a, right_b, forward_b, min_gap=0.3):
-    """A relative to B seen from a camera: left of / right of / in front of / behind, or None if unclear."""
+def relation_word(right_a, forward_a, right_b, forward_b, min_gap=0.3, margin=15.0):
+    """A relative to B seen from a camera: left of / right of / in front of / behind, or None if unclear (closer
+    than min_gap, or within `margin` degrees of a diagonal, where the classes meet)."""
     d_right, d_forward = right_a - right_b, forward_a - forward_b
-    if abs(d_right) >= max(1.5 * abs(d_forward), min_gap):
+    ratio = math.tan(math.radians(45 + margin))
+    if abs(d_right) >= max(ratio * abs(d_forward), min_gap):
         return "right of" if d_right > 0 else "left of"
-    if abs(d_forward) >= max(1.5 * abs(d_right), min_gap):
+    if abs(d_forward) >= max(ratio * abs(d_right), min_gap):
         return "behind" if d_forward > 0 else "in front of"
     return None
 
@@ -783,10 +785,10 @@ def finish(question, answer, images, markers=None):
         question += "\nOptions:\n" + "\n".join(answer["options"]) + "\n" + SELECT_LETTER
     elif answer.get("instruction"):
         question += "\n" + answer["instruction"]
-    return finish_video(question, answer, images, markers)
+    return finish_vsi(question, answer, images, markers)
 
 
-def finish_video(question, answer, images, markers=None):
+def finish_vsi(question, answer, images, markers=None):
     """Assemble a VSI-Bench task's output as its rows read: the bare question, the options apart."""
     out = {"image": [int(i) for i in images], "question": question, "format_type": answer["format_type"],
            "answer": answer["answer"]}
@@ -807,7 +809,7 @@ def prompt(record):
         return record["question"]
     if record["format_type"] == "select":
         return "\n".join([VSI_PRE_PROMPT, record["question"], "Options:", *record["options"], SELECT_LETTER])
-    return "\n".join([VSI_PRE_PROMPT, record["question"], VSI_NUMBER_POST_PROMPT])
+    return "\n".join([VSI_PRE_PROMPT, record["question"], NUMBER_POST_PROMPT])
 
 
 # --- SPAR-Bench tasks. `multi` picks the _mv variant: objects marked in different images, the camera that
@@ -921,7 +923,7 @@ def ask_view_change(a):
                 "it move right or left and forward or backward (meters), and by how many degrees did it turn?\n"
                 "Answer in the form move_right:x,move_forward:y,rotate_left:z, naming each direction "
                 "(move_right or move_left, move_forward or move_backward, rotate_right or rotate_left).")
-    answer = {"format_type": "fill", "answer": view_change_answer(right, forward, yaw), "instruction": ""}
+    answer = {"format_type": "fill", "answer": view_change_answer(right, forward, yaw)}  # the question says how
     return finish(question, answer, [v1, v2])
 
 
@@ -1075,7 +1077,7 @@ def name(a, obj):
     return a.objects[obj]["category"]
 
 
-def number(text):
+def fill_answer(text):
     return {"format_type": "fill", "answer": text}
 
 
@@ -1088,7 +1090,7 @@ def ask_counting(a):
     counts = Counter(name(a, o) for o in seen)
     if (chosen := a.pick(sorted(c for c, n in counts.items() if n >= 2), 1)) is None:
         return None  # VSI-Bench asks only about categories with two or more instances
-    return finish_video(f"How many {chosen[0]}(s) are in this room?", number(str(counts[chosen[0]])), a.video)
+    return finish_vsi(f"How many {chosen[0]}(s) are in this room?", fill_answer(str(counts[chosen[0]])), a.video)
 
 
 def ask_abs_distance(a):
@@ -1099,7 +1101,7 @@ def ask_abs_distance(a):
         return None
     question = (f"Measuring from the closest point of each object, what is the distance between the "
                 f"{name(a, pair[0])} and the {name(a, pair[1])} (in meters)?")
-    return finish_video(question, number(f"{distance:.1f}"), a.video)
+    return finish_vsi(question, fill_answer(f"{distance:.1f}"), a.video)
 
 
 def ask_object_size(a):
@@ -1108,7 +1110,7 @@ def ask_object_size(a):
     longest = 100 * max(a.objects[chosen[0]]["size"])
     question = (f"What is the length of the longest dimension (length, width, or height) of the "
                 f"{name(a, chosen[0])}, measured in centimeters?")
-    return finish_video(question, number(f"{longest:.0f}"), a.video)
+    return finish_vsi(question, fill_answer(f"{longest:.0f}"), a.video)
 
 
 def ask_room_size(a):
@@ -1117,7 +1119,7 @@ def ask_room_size(a):
         return None
     question = ("What is the size of this room (in square meters)? \n"
                 "If multiple rooms are shown, estimate the size of the combined space.")
-    return finish_video(question, number(f"{area:.1f}"), a.video)
+    return finish_vsi(question, fill_answer(f"{area:.1f}"), a.video)
 
 
 def listed_choice(choices, correct):
@@ -1137,7 +1139,7 @@ def ask_rel_distance(a):
     names = [name(a, o) for o in candidates]
     question = (f"Measuring from the closest point of each object, which of these objects ({', '.join(names)}) "
                 f"is the closest to the {name(a, target)}?")
-    return finish_video(question, listed_choice(names, names[ranked[0]]), a.video)
+    return finish_vsi(question, listed_choice(names, names[ranked[0]]), a.video)
 
 
 def rel_direction_answer(angle, difficulty, margin=15.0):
@@ -1173,7 +1175,7 @@ def ask_rel_direction(a):
     a_name, b_name, c_name = (name(a, o) for o in chosen)
     question = (f"If I am standing by the {a_name} and facing the {b_name}, is the {c_name} "
                 + REL_DIRECTION_ASKS[difficulty].format(b=b_name))
-    out = finish_video(question, a.choice(correct, [w for w in words if w != correct]), a.video)
+    out = finish_vsi(question, a.choice(correct, [w for w in words if w != correct]), a.video)
     out["difficulty"] = difficulty
     return out
 
@@ -1196,7 +1198,7 @@ def ask_route(a):
                 f"You have reached the final destination.")
     every = [f"{t1}, {t2}" for t1 in ("Turn Left", "Turn Right", "Turn Back") for t2 in ("Turn Left", "Turn Right", "Turn Back")]
     correct = ", ".join(turns)
-    return finish_video(question, a.choice(correct, a.pick([w for w in every if w != correct], 3)), a.video)
+    return finish_vsi(question, a.choice(correct, a.pick([w for w in every if w != correct], 3)), a.video)
 
 
 def ask_appearance_order(a):
@@ -1217,7 +1219,7 @@ def ask_appearance_order(a):
         if order != correct_order:
             distractors.add(", ".join(order))
     question = f"What will be the first-time appearance order of the following categories in the video: {', '.join(names)}?"
-    return finish_video(question, a.choice(", ".join(correct_order), sorted(distractors)), frames)
+    return finish_vsi(question, a.choice(", ".join(correct_order), sorted(distractors)), frames)
 
 
 # task -> its question function; each _mv task is its single-view task's function with multi=True
@@ -1278,7 +1280,7 @@ def read_image(path):
     try:
         from PIL import Image  # only real JPEG frames need Pillow
     except ImportError:
-        raise SystemExit(f"{path}: reading JPEG frames needs Pillow (pip install pillow), or convert them to PNG")
+        raise ValueError(f"{path}: reading JPEG frames needs Pillow (pip install pillow), or convert them to PNG")
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
 
@@ -1643,5 +1645,8 @@ if __name__ == "__main__":
         bench()
     else:
         start = time.time()
-        generate(config)
+        try:
+            generate(config)
+        except ValueError as error:  # bad input (a scan's file): one line naming it, not a traceback
+            raise SystemExit(f"generate_spar.py: {error}")
         print(f"wrote {config.out} in {time.time() - start:.1f} s")

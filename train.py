@@ -217,9 +217,10 @@ def ensure_data(data_dir, preset, stages, rank, world):
         config.workers = min(8, os.cpu_count() or 1) if preset == "reference" else 1
         generate(config)
     barrier(world)
-    # stage vlm alone also trains on questions whose images are files (a SPAR-7M-layout folder: no scenes/)
-    needed = (["scenes"] if set(stages) - {"vlm"} else []) + (["qa_train.jsonl", "qa_val.jsonl", "tokenizer.json"]
-                                                               if "vlm" in stages else [])
+    # stage vlm alone also trains on questions whose images are files: a SPAR-7M-layout folder, images/ for scenes/
+    files_only = set(stages) == {"vlm"} and os.path.isdir(os.path.join(data_dir, "images"))
+    needed = ([] if files_only else ["scenes"]) + (["qa_train.jsonl", "qa_val.jsonl", "tokenizer.json"]
+                                                   if "vlm" in stages else [])
     missing = [name for name in needed if not os.path.exists(os.path.join(data_dir, name))]
     if missing:
         why = " (stage vlm needs it; --vocab_size=0 made a data set without one)" if missing == ["tokenizer.json"] else ""

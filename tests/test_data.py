@@ -225,6 +225,32 @@ def test_spar7m_export_reads_back_as_the_same_training_items(dataset_dir, tmp_pa
             assert torch.equal(a["images"], b["images"]), a["id"]
 
 
+def test_spar7m_rows_keep_their_markers_turn_order_and_words(tmp_path):
+    row = {"id": "scene0261_00_16", "type": "depth_prediction_oc_mv",
+           "image": ["scene0261_00/image_color/1.jpg", "scene0261_00/image_color/2.jpg"],
+           "conversations": [{"from": "human", "value": "<image>\n<image>\nThe towel (red point) in this<image>view?"},
+                             {"from": "gpt", "value": "1.5"}],
+           "red_point": [[553, 397]], "blue_point": [[641, 838]], "point_img_idx": [[1, 0]],
+           "green_bbox": [[100, 200, 300, 400]]}
+    record = data.from_conversations(row, "f:1", "/root")
+    assert record["prompt"] == "The towel (red point) in this view?" and record["scene"] == "scene0261_00"
+    assert record["markers"] == [{"image": 1, "color": "red", "point": [553, 397]},
+                                 {"image": 0, "color": "blue", "point": [641, 838]},
+                                 {"image": 0, "color": "green", "box": [100, 200, 300, 400], "point": [200.0, 300.0]}]
+    swapped = {**row, "conversations": row["conversations"][::-1]}
+    with pytest.raises(ValueError, match="^f:1: field 'conversations': expected a human turn, then a gpt turn"):
+        data.from_conversations(swapped, "f:1", "/root")
+    with pytest.raises(ValueError, match="^f:1: field 'markers.point'"):
+        data.from_conversations({**row, "red_point": [[553, 1397]]}, "f:1", "/root")
+
+
+def test_image_files_of_16_bit_png_are_scaled_to_0_1(tmp_path):
+    gray = np.array([[0, 65535], [32768, 65535]], dtype=np.uint16)
+    g.write_png(str(tmp_path / "d.png"), gray)
+    images = data.as_images(data.read_image_file(str(tmp_path / "d.png"))[None])
+    assert images.shape == (1, 3, 2, 2) and images.max() == 1 and images.min() == 0
+
+
 # -----------------------------------------------------------------------------
 # tokenizer
 

@@ -107,10 +107,12 @@ def test_view_change_is_mean_mra_over_spars_five_axes_relative_to_truth():
     # give 0.44 -> 0.1); forward 2.1 vs 2: 5 % -> 0.9; turn exact -> 1; up and rotate-up 0 = 0 -> 1 each.
     assert ev.score_record(record, "move_right: 1.8 m, move_forward: 2.1 m, rotate_left: 30 degrees") == \
         pytest.approx((0 + 1 + 0.9 + 1 + 1) / 5)
-    # Our earlier bare format is read in its order (right, forward, turn right); nothing readable scores 0.
-    assert ev.score_record(record, "1.00, 2.00, -30") == 1.0
-    assert ev.score_record(record, "1.0, 2.0") == pytest.approx(4 / 5)
-    assert ev.score_record(record, "I cannot tell") == 0.0
+    # Names in any case, "is" or a colon, units after the number; the last of a repeated name counts (as SPAR's
+    # evaluator keeps it). An answer that names no component scores 0 (not the 2/5 of the two zero axes).
+    assert ev.score_record(record, "Move_Right is 1.0 m, MOVE_FORWARD: 2 m, rotate_left=30 deg") == 1.0
+    assert ev.view_change_values("move_right:0.3,move_right:0.2") == [Fraction("0.2"), 0, 0, 0, 0]
+    for unnamed in ("1.00, 2.00, -30", "0", "0.5 m left, 1.0 m forward, turned 30 degrees left", "I cannot tell"):
+        assert ev.score_record(record, unnamed) == 0.0, unnamed
 
 
 def test_a_wrong_direction_name_scores_zero_on_that_axis():
@@ -118,7 +120,7 @@ def test_a_wrong_direction_name_scores_zero_on_that_axis():
     # the same numbers, but left instead of right: that axis is -0.52 vs +0.5 -> 0; forward, turn, up, rotate-up 1
     assert ev.score_record(record, "move_left:0.5,move_forward:1.0,rotate_left:30") == pytest.approx(4 / 5)
     assert ev.score_record(record, "move_left:0.52,move_forward:1.0,rotate_right:30") == pytest.approx(3 / 5)
-    # both names: right minus left, as SPAR-Bench's evaluator sums them
+    # both names: right minus left, as SPAR-Bench's evaluator takes them
     assert ev.view_change_values("move_right:0.8,move_left:0.3") == [Fraction("0.5"), 0, 0, 0, 0]
 
 
@@ -163,7 +165,7 @@ def synthetic_split():
     val = [
         question("d1", "depth_prediction_oc", "2.0"), question("d2", "depth_prediction_oc", "4.0"),
         question("s1", "distance_prediction_oo", "B", FOUR), question("s2", "distance_prediction_oo", "A", FOUR),
-        question("v1", "view_change_infer", "1.0, 2.0, -30"),
+        question("v1", "view_change_infer", "move_right:1.0,move_forward:2.0,rotate_left:30"),
         question("i1", "spatial_imagination_oc", "D", FOUR),
         question("c1", "object_counting", "4"),
         question("r1", "object_rel_direction", "A", FOUR, difficulty="easy"),
@@ -171,7 +173,7 @@ def synthetic_split():
         question("r3", "object_rel_direction", "C", FOUR, difficulty="hard"),
         question("m1", "room_size_estimation", "20"),
     ]
-    preds = {"d1": "2.0", "d2": "5", "s1": "B", "s2": "C", "v1": "1.0, 2.0, -30", "i1": "", "c1": "4",
+    preds = {"d1": "2.0", "d2": "5", "s1": "B", "s2": "C", "v1": "move_right:1.0,move_forward:2.0,rotate_left:30", "i1": "", "c1": "4",
              "r1": "A", "r2": "D", "r3": "(C)", "m1": "21 square meters"}
     return val, [{"id": k, "prediction": v} for k, v in preds.items()]
 
@@ -262,7 +264,6 @@ def test_baselines_on_known_training_answers(tmp_path, capsys):
 @pytest.mark.parametrize("lines, lineno, field", [
     (['{"prediction": "B"}'], 1, "id"),
     (['{"id": "s1", "prediction": "B"}', "", '{"id": "s1", "prediction": "C"}'], 3, "id"),
-    (['{"id": "nope", "prediction": "B"}'], 1, "id"),
     (['{"id": ["s1"], "prediction": "B"}'], 1, "id"),
     (['{"id": "s1", "prediction": 2}'], 1, "prediction"),
     (['{"id": "s1", "prediction": null}'], 1, "prediction"),
@@ -298,7 +299,20 @@ def test_missing_predictions_score_zero_and_are_counted(tmp_path, capsys):
 def test_integer_ids_match_string_ids(tmp_path):
     # Other systems' VSI-Bench outputs carry integer ids; from_vsibench makes the questions' ids strings.
     path = write_jsonl(tmp_path / "p.jsonl", [{"id": 17, "prediction": "C"}])
-    assert ev.read_predictions(path, [question("17", "route_planning", "C", FOUR)]) == {"17": "C"}
+    assert ev.read_predictions(path, [question("17", "route_planning", "C", FOUR)]) == ({"17": "C"}, 0)
+    whole = write_jsonl(tmp_path / "w.jsonl", [{"id": 17.0, "prediction": "C"}])  # a whole float, from pandas
+    assert ev.read_predictions(whole, [question("17", "route_planning", "C", FOUR)]) == ({"17": "C"}, 0)
+
+
+def test_predictions_of_other_questions_are_left_out_and_counted(tmp_path, capsys):
+    """A full run's predictions scored on a subset: --tasks, or a smaller question set (SPAR-Bench-Tiny)."""
+    val, preds = synthetic_split()
+    result, out = score_file(tmp_path, capsys, val[:3], preds + [{"id": "nope", "prediction": "B"}])
+    assert result["n_questions"] == 3 and result["n_missing"] == 0
+    assert f"note: {len(preds) - 3 + 1} predictions name no question of" in out
+    cfg = ev.EvalConfig(data=data_dir(tmp_path, val), predictions=write_jsonl(tmp_path / "p.jsonl", preds),
+                        tasks="depth_prediction_oc")
+    assert ev.run(cfg)["model"]["tasks"] == {"depth_prediction_oc": pytest.approx(75)}
 
 
 # -----------------------------------------------------------------------------
@@ -470,10 +484,12 @@ def test_vsi_bench_rows(tmp_path, as_json):
 
 def test_vsi_bench_rows_from_pandas_with_array_options():
     row = {**VSI_ROWS[0], "options": np.array(VSI_ROWS[0]["options"], dtype=object)}
-    assert ev.from_vsibench(row)["options"] == VSI_ROWS[0]["options"]
-    assert ev.from_vsibench({**VSI_ROWS[1], "options": float("nan")})["format_type"] == "fill"  # pandas' null
-    with pytest.raises(ValueError, match="field 'question_type'"):
-        ev.from_vsibench({**VSI_ROWS[3], "question_type": "object_rel_direction_extreme"})
+    assert ev.from_vsibench(row, "x")["options"] == VSI_ROWS[0]["options"]
+    assert ev.from_vsibench({**VSI_ROWS[1], "options": float("nan")}, "x")["format_type"] == "fill"  # pandas' null
+    with pytest.raises(ValueError, match="^x: field 'options': expected a list"):  # a CSV export's string
+        ev.from_vsibench({**VSI_ROWS[0], "options": str(VSI_ROWS[0]["options"])}, "x")
+    with pytest.raises(ValueError, match="^x: field 'question_type'"):
+        ev.from_vsibench({**VSI_ROWS[3], "question_type": "object_rel_direction_extreme"}, "x")
 
 
 def test_spar7m_conversations_file(tmp_path):
@@ -519,11 +535,49 @@ def test_model_mode_reads_a_benchmark_rows_image_files(tmp_path, monkeypatch):
     jpeg = write_jsonl(tmp_path / "jpeg.jsonl", [{**SPAR_ROWS[0], "image": ["c.jpg"]}])
     (tmp_path / "c.jpg").write_bytes(b"\xff\xd8\xff")
     monkeypatch.setitem(sys.modules, "PIL", None)  # as if Pillow were not installed
-    with pytest.raises(SystemExit, match="c.jpg: reading JPEG frames needs Pillow"):
+    with pytest.raises(ValueError, match="c.jpg: reading JPEG frames needs Pillow"):
         ev.run(ev.EvalConfig(data=jpeg, ckpt=str(tmp_path / "ckpt"), json_out=str(tmp_path / "s.json")), model=Sized())
     video = write_jsonl(tmp_path / "vsi.jsonl", VSI_ROWS[:1])
     with pytest.raises(ValueError, match="question '1334' has no image files to show the model"):
         ev.run(ev.EvalConfig(data=video, ckpt=str(tmp_path / "ckpt")), model=Sized())
+
+
+def test_json_or_json_lines_by_content_with_bom_and_crlf(tmp_path):
+    lines = "\r\n".join(json.dumps(r) for r in VSI_ROWS) + "\r\n"
+    for name, text in [("a.json", lines), ("b.jsonl", json.dumps(VSI_ROWS, indent=2)), ("c.JSON", json.dumps(VSI_ROWS)),
+                       ("d.jsonl", "\ufeff" + lines)]:  # datasets' to_json("x.json") writes lines; a BOM
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        assert [r["id"] for r in ev.load_questions(str(tmp_path / name))] == [str(r["id"]) for r in VSI_ROWS]
+
+
+def test_lmms_eval_lines_without_a_doc_are_matched_by_position_and_checked(tmp_path):
+    """v0.4-style lines that lost their doc: doc_id is the question's position in --data, and the logged
+    target must be that question's answer (else the files are different releases or orders)."""
+    bench = spar_bench_file(tmp_path)
+    lines = [{"doc_id": i, "target": row["answer"], "filtered_resps": [SPAR_ANSWERS[row["id"]]]}
+             for i, row in enumerate(SPAR_ROWS)]
+    log = write_jsonl(tmp_path / "log.jsonl", lines[::-1])  # any line order
+    assert ev.run(ev.EvalConfig(data=bench, predictions=log))["model"]["tasks"] == pytest.approx(SPAR_TASK_SCORES)
+    swapped = [{**lines[0], "doc_id": 1}, {**lines[1], "doc_id": 0}]
+    with pytest.raises(ValueError, match="log2.jsonl:1: field 'target': the logged question '206'"):
+        ev.run(ev.EvalConfig(data=bench, predictions=write_jsonl(tmp_path / "log2.jsonl", swapped)))
+    other = lmms_eval_lines("0.3")[:1]
+    other[0]["doc"] = {**other[0]["doc"], "task": "depth_prediction_oo"}  # id 205 of another release
+    with pytest.raises(ValueError, match="field 'target': the logged question '205' \\(depth_prediction_oo"):
+        ev.run(ev.EvalConfig(data=bench, predictions=write_jsonl(tmp_path / "log3.jsonl", other)))
+
+
+def test_spar_bench_rows_without_format_type_and_their_prompts():
+    select = {k: v for k, v in SPAR_ROWS[1].items() if k != "format_type"} | {"answer": "c"}
+    record = ev.from_sparbench(select, "x")  # multiple choice by task, as SPAR-Bench's scorer decides
+    assert (record["format_type"], record["answer"]) == ("select", "C")
+    assert record["prompt"] == select["question"] + "\n\nAnswer with the option's letter from the given choices directly."
+    fill = ev.from_sparbench({k: v for k, v in SPAR_ROWS[0].items() if k != "format_type"}, "x")
+    assert fill["prompt"] == SPAR_ROWS[0]["question"] + "\nPlease answer the question using a single word or phrase."
+    position = ev.from_sparbench({**SPAR_ROWS[1], "task": "position_matching"}, "x")
+    assert "normalized to a 0-1000 scale" in position["prompt"].split("\n")[-2]
+    with pytest.raises(ValueError, match="^x: field 'id'"):
+        ev.from_sparbench({k: v for k, v in SPAR_ROWS[0].items() if k != "id"}, "x")
 
 
 def test_unknown_layout_is_one_line_naming_the_file(tmp_path):

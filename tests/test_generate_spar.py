@@ -438,9 +438,9 @@ def test_vsi_questions_match_the_benchmark_templates_word_for_word(generated):
 
 def test_no_direction_or_turn_label_near_a_class_boundary():
     """Every angle, 0.25 degrees apart: a label only 15 degrees or more away from each class boundary of its
-    question (VSI-Bench: "back" from 135 degrees; a route's turn is also none under 30 degrees), and then the
-    right one."""
-    boundaries = {"easy": [0, 180], "medium": [0, 135], "hard": [0, 90, 180], "turn": [0, 135]}
+    question (VSI-Bench: "back" from 135 degrees; a route's turn is also none under 30 degrees; SPAR's relation
+    of two objects changes class on the diagonals), and then the right one."""
+    boundaries = {"easy": [0, 180], "medium": [0, 135], "hard": [0, 90, 180], "turn": [0, 135], "relation": [45, 135]}
     for angle in np.arange(-179.875, 180, 0.25):  # never exactly on a boundary, where rounding decides
         heading = np.array([1.0, 0.0, 0.0])
         turned = np.array([math.cos(math.radians(-angle)), math.sin(math.radians(-angle)), 0.0])  # +: clockwise, right
@@ -450,6 +450,9 @@ def test_no_direction_or_turn_label_near_a_class_boundary():
         expected = {"easy": side, "medium": "back" if abs(angle) > 135 else side,
                     "hard": ("back-" if abs(angle) > 90 else "front-") + side,
                     "turn": None if abs(angle) < 30 else "Turn Back" if abs(angle) > 135 else f"Turn {side.title()}"}
+        labels["relation"] = g.relation_word(math.sin(math.radians(angle)), math.cos(math.radians(angle)), 0, 0)
+        expected["relation"] = ("right of" if angle > 0 else "left of") if 45 < abs(angle) < 135 else \
+            ("behind" if abs(angle) < 90 else "in front of")  # A ahead of B, seen from the camera: behind it
         for kind, label in labels.items():
             near = min(abs(abs(angle) - b) for b in boundaries[kind]) < (30 if kind == "turn" and abs(angle) < 90 else 15)
             assert label == (None if near else expected[kind]), (kind, angle, label)
