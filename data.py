@@ -593,8 +593,9 @@ def best_device():
 # Tokenizer: generate_spar.train_tokenizer made it; SPECIAL_TOKENS are the contract
 
 
-def load_tokenizer(path):
-    """tokenizer.json -> tokenizers.Tokenizer, checking the special tokens the chat template relies on."""
+def load_tokenizer(path, add_special=False):
+    """tokenizer.json -> tokenizers.Tokenizer with the chat template's special tokens (looked up by name, any
+    id). add_special: a pretrained LM's tokenizer gains those it lacks, at the end of its vocabulary."""
     from tokenizers import Tokenizer
 
     if not os.path.exists(path):
@@ -603,8 +604,10 @@ def load_tokenizer(path):
         tokenizer = Tokenizer.from_file(path)
     except Exception as error:  # tokenizers raises a bare Exception on malformed files
         raise ValueError(f"{path}: unreadable tokenizer ({error})") from None
-    for token_id, token in enumerate(SPECIAL_TOKENS):
-        if tokenizer.token_to_id(token) != token_id:
-            raise ValueError(f"{path}: special token {token!r} must have id {token_id}, "
-                             f"has {tokenizer.token_to_id(token)}")
+    missing = [token for token in SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
+    if missing and add_special:
+        tokenizer.add_special_tokens(missing)
+    elif missing:
+        raise ValueError(f"{path}: special token {missing[0]!r} is missing (a pretrained LM's tokenizer: "
+                         f"train.py --init_lm adds them)")
     return tokenizer

@@ -65,6 +65,7 @@ class TrainConfig:
     init_geo: str = ""          # psfm, and vlm with --spa3r=none: the geo checkpoint; empty: out/geo; "none": random
     init_spa3r: str = ""        # vlm: the psfm checkpoint (Spa3R and the vision ViT's start); empty: out/psfm
     spa3r: str = "psfm"         # vlm: psfm = Spa3-VLM; none = the baseline without the spatial branch; oracle = true 3D
+    init_lm: str = ""           # vlm: start the LM (and take its tokenizer) from this local Llama-architecture checkpoint
     steps: int = 600            # optimizer steps
     batch_size: int = 8         # global batch (samples per optimizer step), the same for any number of processes
     micro_batch: int = 0        # samples per forward pass on each rank; 0 = batch_size / world size (no accumulation)
@@ -208,7 +209,7 @@ def ignore_sigterm(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def ensure_data(data_dir, preset, stages, rank, world):
+def ensure_data(data_dir, preset, stages, rank, world, tokenizer=True):
     """Generate the preset's data set into data_dir if that folder does not exist or is empty (rank 0; the others
     wait). Anything else must be a whole data set: generating into it could overwrite scans or other data."""
     if rank == 0 and (not os.path.isdir(data_dir) or not os.listdir(data_dir)):
@@ -219,8 +220,8 @@ def ensure_data(data_dir, preset, stages, rank, world):
     barrier(world)
     # stage vlm alone also trains on questions whose images are files: a SPAR-7M-layout folder, images/ for scenes/
     files_only = set(stages) == {"vlm"} and os.path.isdir(os.path.join(data_dir, "images"))
-    needed = ([] if files_only else ["scenes"]) + (["qa_train.jsonl", "qa_val.jsonl", "tokenizer.json"]
-                                                   if "vlm" in stages else [])
+    needed = ([] if files_only else ["scenes"]) + (["qa_train.jsonl", "qa_val.jsonl"] if "vlm" in stages else [])
+    needed += ["tokenizer.json"] if "vlm" in stages and tokenizer else []  # --init_lm brings its own
     missing = [name for name in needed if not os.path.exists(os.path.join(data_dir, name))]
     if missing:
         why = " (stage vlm needs it; --vocab_size=0 made a data set without one)" if missing == ["tokenizer.json"] else ""
@@ -318,13 +319,14 @@ def stage_functions(name, model, cfg):
         return dict(loss=lambda m, batch: m(batch), weight=count, flops=lambda batch: count(batch) * per_sample,
                     gates=psfm_stage_gates)
     per_image = vlm.tokens_per_image(model.config, model.config.geo.image_size, model.config.geo.image_size)
+    pad = vlm.special_ids(model.tokenizer)["<|pad|>"]
 
     def flops(batch):
-        lengths = (batch["input_ids"] != vlm.PAD).sum(1).tolist()
+        lengths = (batch["input_ids"] != pad).sum(1).tolist()
         return sum(vlm.flops_per_sample(model.config, n, t - n * per_image, training=True)
                    for n, t in zip(batch["num_images"].tolist(), lengths))
     return dict(loss=lambda m, batch: m(batch), weight=lambda batch: int((batch["targets"] != vlm.IGNORE).sum()),
-                flops=flops, tokens=lambda batch: int((batch["input_ids"] != vlm.PAD).sum()),
+                flops=flops, tokens=lambda batch: int((batch["input_ids"] != pad).sum()),
                 gates=lambda stage, cfg, run: vlm_gates(stage.model, gate_batches(stage, stage.val_set, cfg, run, spread=True)))
 
 
@@ -373,7 +375,10 @@ def task_list(tasks):
 def build_vlm(cfg, models):
     if models["vlm"].spa3r != "psfm":
         raise SystemExit("--vlm.spa3r: use --spa3r=psfm|none|oracle (it also decides which checkpoint the VLM starts from)")
-    tokenizer = data.load_tokenizer(os.path.join(cfg.data, "tokenizer.json"))
+    if cfg.init_lm:  # a pretrained LM (SmolLM class): its weights, its tokenizer with the chat's special tokens
+        pretrained_lm, tokenizer = vlm.load_llama(cfg.init_lm)
+    else:
+        tokenizer = data.load_tokenizer(os.path.join(cfg.data, "tokenizer.json"))
     start = None  # where the vision ViT (and Spa3R) start: the psfm checkpoint, else the geo backbone
     if cfg.spa3r == "psfm":
         start = load_psfm(cfg.init_spa3r)
@@ -383,12 +388,14 @@ def build_vlm(cfg, models):
         geo_config, psfm_config = start.config, models["psfm"]
     else:
         geo_config, psfm_config = models["geo"], models["psfm"]
-    lm_config = models["lm"]
+    lm_config = pretrained_lm.config if cfg.init_lm else models["lm"]
     if lm_config.vocab_size is None:  # no --lm.vocab_size: the data's tokenizer decides, rounded up to 64s
         lm_config = replace(lm_config, vocab_size=64 * math.ceil(tokenizer.get_vocab_size() / 64))
     config = replace(models["vlm"], lm=lm_config, geo=geo_config, psfm=psfm_config, spa3r=cfg.spa3r)
     torch.manual_seed(cfg.seed)
     model = vlm.SpaVLM(config, tokenizer)
+    if cfg.init_lm:
+        model.lm.load_state_dict(pretrained_lm.state_dict())
     if start is not None:
         model.init_from_psfm({("backbone." if cfg.spa3r != "psfm" else "") + k: v for k, v in start.state_dict().items()})
     train_set, val_set = (data.QADataset(cfg.data, split, geo_config.image_size, oracle=cfg.spa3r == "oracle",
@@ -1117,7 +1124,7 @@ def main(argv):
         preset = first.preset or ("reference" if device.type == "cuda" else "tiny")
         stages = [first.stage] if first.stage else list(STAGES)
         configs = [stage_config(argv, stage, preset, not first.stage) for stage in stages]
-        ensure_data(configs[0][0].data, preset, stages, rank, world)
+        ensure_data(configs[0][0].data, preset, stages, rank, world, tokenizer=not configs[-1][0].init_lm)
         for cfg, models in configs:
             train_stage(cfg, models, rank, world, device)
     except ValueError as error:  # bad input: one line naming the file and the field, no traceback

@@ -17,7 +17,7 @@ of images anywhere, so nothing has to be masked out of the visual path.
 """
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,6 @@ from model import flops_per_sample as geo_flops_per_sample
 from psfm import PSFM, Spa3RConfig
 
 IGNORE = -100  # target of positions the loss skips (F.cross_entropy's default ignore_index)
-PAD = SPECIAL_TOKENS.index("<|pad|>")  # collate right-pads input_ids with it
 
 
 # ----------------------------------------------------------------------------- the decoder LM
@@ -617,34 +616,65 @@ def load_for_eval(ckpt_dir, device=None):
 
 
 def lm_config_from_hf(hf, path):
-    """A Hugging Face LlamaConfig dict -> LMConfig; what this LM does not implement is refused by name."""
+    """A Hugging Face LlamaConfig dict (transformers 4: top-level rope_theta and rope_scaling; 5: rope_parameters)
+    -> LMConfig; what this LM does not implement (RoPE scaling: llama3, linear, yarn, ...) is refused by name."""
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if key not in hf:
             raise ValueError(f"vlm.py: {path}: field '{key}' is missing")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     unsupported = {"model_type": hf.get("model_type", "llama") != "llama", "hidden_act": hf.get("hidden_act", "silu") != "silu",
-                   "rope_scaling": bool(hf.get("rope_scaling")), "attention_bias": bool(hf.get("attention_bias")),
+                   "rope_type": rope_type != "default", "attention_bias": bool(hf.get("attention_bias")),
                    "mlp_bias": bool(hf.get("mlp_bias")),
                    "head_dim": hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
                    != hf["hidden_size"] // hf["num_attention_heads"]}
     for key, bad in unsupported.items():
         if bad:
-            raise ValueError(f"vlm.py: {path}: field '{key}' = {hf.get(key)!r} is not supported")
+            value = rope_type if key == "rope_type" else hf.get(key)
+            raise ValueError(f"vlm.py: {path}: field '{key}' = {value!r} is not supported")
     return LMConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                     n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
                     hidden_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-                    rope_theta=hf.get("rope_theta", 10000.0), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                    rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), norm_eps=hf.get("rms_norm_eps", 1e-6),
                     tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
+def read_hf_weights(model_dir):
+    """The tensors of a Hugging Face checkpoint folder: model.safetensors, or the shards that
+    model.safetensors.index.json maps every tensor to."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return read_weights(os.path.join(model_dir, "model.safetensors"))
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"vlm.py: {index}: field 'weight_map' must map tensor names to shard files")
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(read_weights(os.path.join(model_dir, shard)))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise ValueError(f"vlm.py: {index}: tensor {missing[0]!r} is in no shard it names")
+    return tensors
+
+
 def load_llama(model_dir):
-    """A pretrained Llama-format LM from model_dir: config.json (Hugging Face LlamaConfig), model.safetensors
-    (one file, Hugging Face names: "model.layers.0.self_attn.q_proj.weight", ...), tokenizer.json.
-    Returns (LM, fp32 whatever the file's dtype; tokenizers.Tokenizer). A tied checkpoint's stored lm_head copy is dropped."""
-    lm = LM(lm_config_from_hf(read_json(os.path.join(model_dir, "config.json")), os.path.join(model_dir, "config.json")))
-    path = os.path.join(model_dir, "model.safetensors")
-    skip = {"lm_head.weight"} if lm.config.tie_embeddings else set()  # a tied checkpoint may store the head too
-    state = {k.removeprefix("model."): v.float() for k, v in read_weights(path).items() if k not in skip}
-    return load_weights(lm, path, state), load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
+    """A pretrained Llama-architecture LM (the SmolLM class) from a local folder as transformers 4 or 5 saves it:
+    config.json, model.safetensors or its shards, tokenizer.json. Returns (LM in fp32, tokenizer). The tokenizer
+    gains the chat's special tokens it lacks (at the end of its vocabulary); where they fall beyond the stored
+    rows, the embedding (and an untied head) grow, new rows the mean of the old. A tied checkpoint's stored
+    lm_head copy is dropped."""
+    config_path = os.path.join(model_dir, "config.json")
+    config = lm_config_from_hf(read_json(config_path), config_path)
+    tokenizer = load_tokenizer(os.path.join(model_dir, "tokenizer.json"), add_special=True)
+    rows = max(config.vocab_size, tokenizer.get_vocab_size())
+    state = {k.removeprefix("model."): v.float() for k, v in read_hf_weights(model_dir).items()
+             if not (config.tie_embeddings and k == "lm_head.weight")}  # a tied checkpoint may store the head too
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        if name in state and len(state[name]) < rows:
+            old = state[name]
+            state[name] = torch.cat([old, old.mean(0, keepdim=True).expand(rows - len(old), -1)])
+    lm = LM(replace(config, vocab_size=rows))
+    return load_weights(lm, os.path.join(model_dir, "model.safetensors"), state), tokenizer
 
 
 # ----------------------------------------------------------------------------- size and cost

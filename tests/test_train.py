@@ -210,6 +210,26 @@ def test_vlm_trains_on_a_spar7m_layout_folder_as_on_the_data_it_came_from(single
     assert [row[2] for row in theirs] == pytest.approx([row[2] for row in ours], rel=1e-6)
 
 
+def test_vlm_starts_from_a_local_pretrained_lm(single, data_dir, tmp_path):
+    """--init_lm: the LM and its tokenizer (with the chat's tokens added) come from a checkpoint as transformers
+    saves it (tests/fixtures/llama_v4_tied); a sequence longer than its max positions is refused by name."""
+    fixture = os.path.join(REPO, "tests", "fixtures", "llama_v4_tied")
+    args = ["train.py", "--stage=vlm", "--spa3r=none", f"--init_geo={os.path.join(single, 'geo')}",
+            f"--data={data_dir}", "--tasks=room_size_estimation"] + COMMON
+    short = run(args + [f"--init_lm={fixture}", f"--out={tmp_path / 'short'}"])
+    assert short.returncode != 0 and "more than LMConfig.max_seq_len 128" in short.stderr + short.stdout
+    longer = tmp_path / "smol"  # RoPE has no learned positions: the same weights may read longer sequences
+    shutil.copytree(fixture, longer)
+    config = json.load(open(longer / "config.json"))
+    json.dump({**config, "max_position_embeddings": 2048}, open(longer / "config.json", "w"))
+    check(run(args + [f"--init_lm={longer}", f"--out={tmp_path / 'vlm'}", "--lr_lm=0"]))  # the LM as it came
+    model, pretrained = vlm.load_for_eval(str(tmp_path / "vlm"), "cpu"), load_file(os.path.join(fixture, "model.safetensors"))
+    assert model.tokenizer.to_str() == vlm.load_llama(str(longer))[1].to_str()
+    ours = model.lm.state_dict()
+    for name, weight in pretrained.items():  # every tensor as stored (the vocabulary rows the file has)
+        assert torch.equal(ours[name.removeprefix("model.")][:len(weight)], weight.float()), name
+
+
 def test_resuming_a_finished_stage_trains_nothing(single, data_dir, tmp_path):
     folder = str(tmp_path / "geo")
     shutil.copytree(os.path.join(single, "geo"), folder)

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models
 
 import vlm
@@ -409,11 +409,65 @@ def test_load_llama_matches_an_independent_forward(tmp_path, tied):
     assert torch.allclose(ours, naive_llama_logits(tensors, hf, ids), atol=1e-4)
 
 
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+TEXT_OF_FIXTURES = "How far is the chair from the camera? About 2.5 meters."  # make_llama.py's TEXT
+
+
+@pytest.mark.parametrize("name", ["llama_v4_tied", "llama_v5_untied_sharded"])
+def test_load_llama_gives_the_logits_transformers_gave(name):
+    """Tiny checkpoints as transformers 4 (rope_theta at the top, tied, one file) and 5 (rope_parameters,
+    untied, sharded with an index) save them, bf16, and transformers' fp32 logits of a fixed text
+    (tests/fixtures/make_llama.py wrote them once; rope_theta 500, so a missed theta shows)."""
+    lm, tokenizer = load_llama(os.path.join(FIXTURES, name))
+    expected = load_file(os.path.join(FIXTURES, name, "expected.safetensors"))
+    assert (lm.lm_head is None) == name.endswith("tied") and lm.config.rope_theta == 500.0
+    assert tokenizer.encode(TEXT_OF_FIXTURES).ids == expected["ids"].tolist()  # the chat tokens changed no text
+    with torch.no_grad():
+        ours = lm(lm.embed_tokens(expected["ids"][None]))[0]
+    assert torch.allclose(ours[:, :expected["logits"].shape[1]], expected["logits"], atol=1e-4)
+
+
+def test_load_llama_adds_the_chat_tokens_and_grows_a_full_vocabulary(tmp_path):
+    """A tokenizer that fills every embedding row and lacks the chat's tokens: they are added after its last id,
+    the embedding (and the untied head) grow by the mean row, and the old rows and logits stay."""
+    from tokenizers import decoders, pre_tokenizers, trainers
+    full = Tokenizer(models.BPE())
+    full.pre_tokenizer, full.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    full.train_from_iterator(["How far is the chair from the camera?"] * 50, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf, tensors = write_hf_llama(tmp_path, tied=False)
+    hf["vocab_size"] = full.get_vocab_size()
+    rows = full.get_vocab_size()
+    tensors = {k: v[:rows] if k in ("model.embed_tokens.weight", "lm_head.weight") else v for k, v in tensors.items()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    full.save(str(tmp_path / "tokenizer.json"))
+    lm, tokenizer = load_llama(tmp_path)
+    ids = vlm.special_ids(tokenizer)
+    assert sorted(ids.values()) == list(range(rows, rows + len(ids))) and tokenizer.token_to_id("<|endoftext|>") == 0
+    assert lm.config.vocab_size == rows + len(ids)
+    grown = lm.embed_tokens.weight.detach()
+    old = tensors["model.embed_tokens.weight"].float()
+    assert torch.equal(grown[:rows], old) and torch.allclose(grown[rows:], old.mean(0).expand(len(ids), -1))
+    assert torch.equal(lm.lm_head.weight.detach()[:rows], tensors["lm_head.weight"].float())
+    text = torch.tensor(full.encode("How far is the chair?").ids)
+    assert torch.allclose(lm(lm.embed_tokens(text[None]))[0, :, :rows].double(),
+                          naive_llama_logits({**tensors}, hf, text), atol=1e-4)
+
+
 def test_load_llama_refuses_what_it_does_not_implement(tmp_path):
     hf, _ = write_hf_llama(tmp_path, True)
-    (tmp_path / "config.json").write_text(json.dumps({**hf, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
-    with pytest.raises(ValueError, match="config.json: field 'rope_scaling'"):
+    for rope in ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},  # transformers 4
+                 {"rope_parameters": {"rope_theta": 5e5, "rope_type": "linear", "factor": 2.0}}):  # transformers 5
+        (tmp_path / "config.json").write_text(json.dumps({**hf, **rope}))
+        kind = next(iter(rope.values()))["rope_type"]
+        with pytest.raises(ValueError, match=f"config.json: field 'rope_type' = '{kind}' is not supported"):
+            load_llama(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": "gone.safetensors"}}))
+    with pytest.raises(ValueError, match="gone.safetensors"):
         load_llama(tmp_path)
+    os.remove(tmp_path / "model.safetensors.index.json")
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if k != "hidden_size"}))
     with pytest.raises(ValueError, match="field 'hidden_size' is missing"):
         load_llama(tmp_path)
