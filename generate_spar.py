@@ -622,6 +622,8 @@ def scene_views(scene, K, poses, instance, video_frames):
             pixels[view, obj] = len(ou)
             points[view, obj] = np.round((np.array([ou[nearest], ov[nearest]]) + 0.5) * to_grid)
             boxes[view, obj] = np.round(np.array([ou.min(), ov.min(), ou.max() + 1, ov.max() + 1]) * np.tile(to_grid, 2))
+    unnamed = [o for o, obj in enumerate(scene["objects"]) if obj["category"] == "other"]
+    pixels[:, unnamed] = 0  # a scan's unmapped objects occlude, but no question is asked about them
     return SceneViews(scene, np.asarray(K, np.float64), np.asarray(poses, np.float64), video_frames, pixels,
                       points, boxes, max(24, int(0.004 * height * width)), (height, width))
 
@@ -1263,14 +1265,18 @@ def make_questions(views, rng, per_task=3, numeric_select=0.25, tasks=None):
     return records
 
 # -----------------------------------------------------------------------------
-# 8. Real scans: a directory per scene in the SPAR RGBD layout, plus the objects' boxes.
-#   <scene>/image_color/<frame>.jpg|png   colour frames (JPEG needs Pillow; PNG is read with the stdlib)
+# 8. Real scans: a directory per scene in SPAR's RGBD layout (its ScanNet export), plus the objects' boxes.
+#   <scene>/image_color/<frame>.jpg|png   colour frames, named by number (0.jpg, 20.jpg, ...; JPEG needs Pillow)
 #   <scene>/image_depth/<frame>.png       16-bit depth in millimetres (0 = no measurement)
 #   <scene>/intrinsic/intrinsic_color.txt 3x3 or 4x4 pinhole matrix for the colour frames (or <frame>.txt each)
-#   <scene>/pose/<frame>.txt              4x4 camera-to-world, OpenCV axes, world z up, metres
+#   <scene>/intrinsic/intrinsic_depth.txt the depth camera's, if its images differ (ScanNet: 640x480 vs 1296x968)
+#   <scene>/pose/<frame>.txt              4x4 camera-to-world, OpenCV axes, world z up, metres (-inf: tracking lost)
+#   <scene>/video_idx.txt                 SPAR's video: frame numbers, one per line (else all frames, by number)
 #   <scene>/boxes.json                    {"objects": [{"category", "center": [x,y,z], "size": [sx,sy,sz],
 #                                          "yaw": radians | "rotation": 3x3}], "room": {"floor_area": m2}?}
-# Frames are resized to res x res (intrinsics scaled to match) and sorted by name: that order is the video.
+#                                         (from ScanNet's annotations: generate_spar.py --scannet_boxes)
+# Frames with a pose that is not finite or not rigid are skipped (and counted); of the rest, --scan_frames evenly
+# spaced along the video are read and resized to res x res (intrinsics scaled to match): that order is the video.
 # Instances come from the boxes: a pixel belongs to an object if the box ray-cast from the same camera
 # is the nearest box and agrees with the measured depth; everything else is unknown (-4).
 
@@ -1336,36 +1342,89 @@ def read_boxes(path):
     return objects, data.get("room", {}) if isinstance(data, dict) else {}
 
 
-def load_scan(scene_dir, res):
-    """One scanned scene -> (scene dict, rgb (V,res,res,3) uint8, depth (V,res,res) f32, instance, K, poses)."""
+def frame_number(name):
+    """The number a frame file is named by ("20.jpg", "000020.png", "frame-000020.color.jpg" -> 20), else None."""
+    digits = re.findall(r"\d+", os.path.splitext(name)[0])
+    return int(digits[-1]) if digits else None
+
+
+def scan_video(scene_dir):
+    """Frame names (stems) of a scan's video: video_idx.txt's numbers in its order, else every colour frame in
+    numeric order (text order would run 0, 100, 120, ..., 20, 200)."""
     color_dir = os.path.join(scene_dir, "image_color")
     if not os.path.isdir(color_dir):
         raise ValueError(f"{scene_dir}: missing folder image_color/")
-    frames = sorted(os.path.splitext(n)[0] for n in os.listdir(color_dir) if n.lower().endswith((".jpg", ".jpeg", ".png")))
-    if not frames:
+    stems = [os.path.splitext(n)[0] for n in os.listdir(color_dir) if n.lower().endswith((".jpg", ".jpeg", ".png"))]
+    if not stems:
         raise ValueError(f"{color_dir}: no .jpg or .png frames")
+    numbered = {frame_number(stem): stem for stem in stems}
+    listed = os.path.join(scene_dir, "video_idx.txt")
+    if os.path.exists(listed) and open(listed).read().strip():
+        numbers = [line.strip() for line in open(listed) if line.strip()]
+        bad = next((n for n in numbers if not n.isdigit() or int(n) not in numbered), None)
+        if bad is not None:
+            raise ValueError(f"{listed}: frame {bad!r} is not a frame number of image_color/")
+        return [numbered[int(n)] for n in numbers]
+    return sorted(stems, key=lambda stem: (frame_number(stem) is None, frame_number(stem) or 0, stem))
+
+
+def rigid_pose(path):
+    """A frame's camera-to-world pose, or None where it is not finite or not rigid (ScanNet: -inf when lost)."""
+    try:
+        pose = read_matrix(path, "pose", (4, 4))
+    except ValueError:
+        if not os.path.exists(path):
+            raise
+        return None
+    rigid = np.allclose(pose[3], [0, 0, 0, 1], atol=1e-4) and abs(np.linalg.det(pose[:3, :3]) - 1) < 1e-2
+    return pose if rigid else None
+
+
+def depth_on_color_grid(depth_mm, K_depth, K_color, res):
+    """Depth (m) for each pixel of the res x res colour image: its ray through the depth camera's intrinsics
+    (ScanNet registers both cameras to one pose), nearest sample (never mixing depths across an edge); 0 outside."""
+    centres = (np.arange(res) + 0.5)
+    u, v = np.meshgrid(centres, centres)
+    rays = np.stack([u, v, np.ones_like(u)], -1) @ np.linalg.inv(K_color).T  # (res, res, 3), z = 1
+    uv = rays @ np.asarray(K_depth, dtype=np.float64).T
+    cols, rows = np.floor(uv[..., 0]).astype(int), np.floor(uv[..., 1]).astype(int)
+    inside = (rows >= 0) & (rows < depth_mm.shape[0]) & (cols >= 0) & (cols < depth_mm.shape[1])
+    depth = np.zeros((res, res), dtype=np.float32)
+    depth[inside] = depth_mm[rows[inside], cols[inside]] / 1000
+    return depth
+
+
+def load_scan(scene_dir, res, frames=32):
+    """One scanned scene -> (scene dict, rgb (V,res,res,3) uint8, depth (V,res,res) f32, instance, K, poses):
+    `frames` of its video, evenly spaced, among those with a usable pose."""
+    video = scan_video(scene_dir)
+    poses = {frame: rigid_pose(os.path.join(scene_dir, "pose", frame + ".txt")) for frame in video}
+    usable = [frame for frame in video if poses[frame] is not None]
+    if len(usable) < len(video):
+        print(f"{scene_dir}: skipped {len(video) - len(usable)} of {len(video)} frames (pose not finite or not rigid)")
+    if not usable:
+        raise ValueError(f"{scene_dir}/pose: no frame has a usable pose")
+    chosen = [usable[int(i)] for i in np.unique(np.linspace(0, len(usable) - 1, min(frames, len(usable))).round())]
     objects, room = read_boxes(os.path.join(scene_dir, "boxes.json"))
     shared_K = os.path.join(scene_dir, "intrinsic", "intrinsic_color.txt")
+    depth_K = os.path.join(scene_dir, "intrinsic", "intrinsic_depth.txt")
     scene = {"id": os.path.basename(os.path.normpath(scene_dir)), "source": "scan", "room": room, "objects": objects}
-    rgbs, depths, Ks, poses = [], [], [], []
-    for frame in frames:
-        color_path = next(os.path.join(color_dir, n) for n in sorted(os.listdir(color_dir)) if os.path.splitext(n)[0] == frame)
-        color = read_image(color_path)
+    color_names = {os.path.splitext(n)[0]: n for n in os.listdir(os.path.join(scene_dir, "image_color"))}
+    rgbs, depths, Ks = [], [], []
+    for frame in chosen:
+        color = read_image(os.path.join(scene_dir, "image_color", color_names[frame]))
         depth_mm = read_png(os.path.join(scene_dir, "image_depth", frame + ".png"))
         K = read_matrix(shared_K if os.path.exists(shared_K) else os.path.join(scene_dir, "intrinsic", frame + ".txt"),
                         "intrinsic", (3, 3))
-        pose = read_matrix(os.path.join(scene_dir, "pose", frame + ".txt"), "pose", (4, 4))
-        if not np.allclose(pose[3], [0, 0, 0, 1], atol=1e-4) or abs(np.linalg.det(pose[:3, :3]) - 1) > 1e-2:
-            raise ValueError(f"{scene_dir}/pose/{frame}.txt: pose is not a rigid camera-to-world transform")
-        scale = np.diag([res / color.shape[1], res / color.shape[0], 1.0])
+        K_res = np.diag([res / color.shape[1], res / color.shape[0], 1.0]) @ K
+        K_depth = read_matrix(depth_K, "intrinsic", (3, 3)) if os.path.exists(depth_K) else \
+            np.diag([depth_mm.shape[1] / color.shape[1], depth_mm.shape[0] / color.shape[0], 1.0]) @ K
         rgbs.append(np.clip(np.round(resize_area(color, res, res)), 0, 255).astype(np.uint8))
-        rows = (np.arange(res) + 0.5) * depth_mm.shape[0] / res  # nearest sample: never mix depths across edges
-        cols = (np.arange(res) + 0.5) * depth_mm.shape[1] / res
-        depths.append(depth_mm[rows.astype(int)][:, cols.astype(int)].astype(np.float32) / 1000)
-        Ks.append(scale @ K)
-        poses.append(pose)
+        depths.append(depth_on_color_grid(depth_mm, K_depth, K_res, res))
+        Ks.append(K_res)
+    poses = np.stack([poses[frame] for frame in chosen])
     instance = np.stack([scan_instances(scene, K, pose, depth) for K, pose, depth in zip(Ks, poses, depths)])
-    return scene, np.stack(rgbs), np.stack(depths), instance, np.stack(Ks), np.stack(poses)
+    return scene, np.stack(rgbs), np.stack(depths), instance, np.stack(Ks), poses
 
 
 def scan_instances(scene, K, pose, measured_depth):
@@ -1443,6 +1502,7 @@ class GenConfig:
     spar7m: bool = False          # also write spar7m/: the questions as SPAR-7M training records, frames as PNG
     from_scans: str = ""          # a directory of scanned scenes (SPAR RGBD layout) instead of procedural rooms
     val_fraction: float = 0.2     # with --from_scans: share of scanned scenes held out
+    scan_frames: int = 32         # with --from_scans: frames per scene, evenly spaced along its video
     bench: bool = False           # print renderer frames/s per core and exit
 
 
@@ -1450,7 +1510,7 @@ def build_scene(job):
     """Generate (or read), write and question one scene. Runs in a worker process; depends only on its job."""
     config, index, split, scan_dir = job
     if scan_dir:
-        scene, rgb, depth, instance, K, poses = load_scan(scan_dir, config.res)
+        scene, rgb, depth, instance, K, poses = load_scan(scan_dir, config.res, config.scan_frames)
         video_frames = min(len(poses), 32)
     else:
         rng = np.random.default_rng([config.seed, index])

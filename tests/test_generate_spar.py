@@ -587,6 +587,60 @@ def test_scan_source_reads_the_spar_layout_and_asks_the_same_questions(tmp_path)
         assert float(record["answer"]) == pytest.approx(expected, abs=0.006)
 
 
+def test_scannet_export_numeric_frames_lost_tracking_and_depth_intrinsics(tmp_path, capsys):
+    """SPAR's ScanNet export as it is: unpadded frame numbers (text order would scramble the video), one pose of
+    -inf (tracking lost: skipped, counted), depth at its own resolution and intrinsics; --scan_frames spacing."""
+    rng = np.random.default_rng(6)
+    scene = g.sample_scene(rng, "scan1")
+    for obj in scene["objects"]:
+        obj["shape"] = "box"
+    K, poses = g.sample_cameras(rng, scene, 12, 0, 64)
+    out = tmp_path / "scene0001_00"
+    write_scan(scene, K, poses, 64, out)
+    names = [str(20 * v) for v in range(12)]  # 0, 20, ..., 220: "100" sorts before "20" as text
+    K_depth = np.array([[30.0, 0, 23.5], [0, 26.0, 19.5], [0, 0, 1]])  # a 48 x 40 depth camera, wider lens
+    for v, name in enumerate(names):
+        for folder, ext in (("image_color", "png"), ("image_depth", "png"), ("pose", "txt")):
+            os.rename(out / folder / f"{v:03d}.{ext}", out / folder / f"{name}.{ext}")
+        _, depth, _ = g.render(scene, K_depth, poses[v], 40, 48)
+        g.write_png(str(out / "image_depth" / f"{name}.png"), np.round(depth * 1000).astype(np.uint16))
+    np.savetxt(out / "intrinsic" / "intrinsic_depth.txt", K_depth)
+    np.savetxt(out / "pose" / "140.txt", np.full((4, 4), -np.inf))  # frame 7
+    loaded, rgb, depth, instance, K2, poses2 = g.load_scan(str(out), 64)
+    kept = [v for v in range(12) if v != 7]
+    assert np.allclose(poses2, poses[kept])  # numeric order, the lost frame left out
+    assert "skipped 1 of 12 frames" in capsys.readouterr().out
+    true_depth = np.stack([g.render(scene, K[v], poses[v], 64, 64)[1] for v in kept])
+    seen = depth > 0  # the depth camera sees the whole colour image; nearest samples differ only at edges
+    assert seen.mean() > 0.99 and np.median(np.abs(depth - true_depth)) < 0.03  # a coarser sensor: 48 x 40
+    assert (np.abs(depth - true_depth)[seen] < 0.05 + 0.03 * true_depth[seen]).mean() > 0.9
+    views = g.scene_views(loaded, K2, poses2, instance, len(kept))
+    records = g.make_questions(views, np.random.default_rng(0), 3, 0.0, ["obj_appearance_order"])
+    assert records
+    for record in records:
+        first = {}  # an independent first appearance, on the true instance maps, in the numeric order
+        for v in kept:
+            ids, counts = np.unique(g.render(scene, K[v], poses[v], 64, 64)[2], return_counts=True)
+            for obj, count in zip(ids, counts):
+                if obj >= 0 and count >= views.min_pixels:
+                    first.setdefault(scene["objects"][obj]["category"], v)
+        listed = record["question"].split("in the video: ")[1].rstrip("?").split(", ")
+        assert option_text(record).split(", ") == sorted(listed, key=lambda c: first[c])
+    (out / "video_idx.txt").write_text("200\n0\n100\n")  # SPAR's own video list
+    assert np.allclose(g.load_scan(str(out), 32)[5], poses[[10, 0, 5]])
+    (out / "video_idx.txt").unlink()
+    assert np.allclose(g.load_scan(str(out), 32, frames=3)[5], poses[[0, 5, 11]])  # evenly spaced among the 11 usable
+    boxes = json.load(open(out / "boxes.json"))  # an unmapped ScanNet object: it occludes, nobody asks about it
+    boxes["objects"][0]["category"] = "other"
+    json.dump(boxes, open(out / "boxes.json", "w"))
+    loaded, _, _, instance, K2, poses2 = g.load_scan(str(out), 64)
+    assert (instance == 0).any()
+    views = g.scene_views(loaded, K2, poses2, instance, len(poses2))
+    records = g.make_questions(views, np.random.default_rng(0), 5, 0.0)
+    assert records and not any("other" in r["question"].split() for r in records)
+    assert all(m["object"] != 0 for r in records for m in r.get("markers", []))
+
+
 def test_scan_errors_name_the_file_and_field(tmp_path):
     rng = np.random.default_rng(4)
     scene = g.sample_scene(rng, "scan0")
