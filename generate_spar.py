@@ -1394,6 +1394,200 @@ def depth_on_color_grid(depth_mm, K_depth, K_color, res):
     return depth
 
 
+# --- ScanNet v2 annotations -> boxes.json (generate_spar.py --scannet_boxes=SCANS --from_scans=SPAR_SCENES).
+# A ScanNet scene folder <scans>/<scene>/ holds a mesh (PLY, z up), its over-segmentation (segs.json: a segment
+# id per vertex), the annotation (aggregation.json: segGroups, each an object made of segments, with a raw label)
+# and <scene>.txt, whose axisAlignment 4x4 turns the mesh about z (and shifts it) so the walls line up with the
+# axes. Boxes are fitted in that aligned frame, then given back in the raw mesh frame, where ScanNet's camera
+# poses live. Structured3D's bbox_3d.json (centroid, coeffs = half sizes in mm, basis) is close to boxes.json
+# already: centre and size / 1000, yaw from its basis.
+
+PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
+             "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+             "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
+# ScanNet's raw labels are free text; these frequent ones name one of our categories differently.
+SCANNET_TO_CATEGORY = {
+    "office chair": "chair", "folded chair": "chair", "sofa chair": "armchair", "couch": "sofa",
+    "coffee table": "table", "end table": "table", "dining table": "table", "side table": "table",
+    "round table": "table", "kitchen cabinet": "cabinet", "kitchen cabinets": "cabinet", "cabinets": "cabinet",
+    "file cabinet": "cabinet", "bathroom cabinet": "cabinet", "refrigerator": "fridge", "mini fridge": "fridge",
+    "trashcan": "trash can", "trash bin": "trash can", "recycling bin": "trash can", "garbage bin": "trash can",
+    "bookshelves": "bookshelf", "bookcase": "bookshelf", "television": "tv", "potted plant": "plant",
+    "night stand": "nightstand", "closet": "wardrobe", "washer": "washing machine", "computer monitor": "monitor",
+    "monitors": "monitor", "doors": "door", "closet door": "door", "windows": "window", "pictures": "picture",
+    "painting": "picture", "table lamp": "lamp", "desk lamp": "lamp", "floor lamp": "lamp", "boxes": "box",
+    "cardboard box": "box"}
+SHELL_WORDS = {"wall", "walls", "floor", "ceiling"}  # "wall", "shower wall", "closet floor": the room, not objects
+MIN_VERTICES = 10  # smaller groups are annotation slivers, too few points for a meaningful box
+# (annotation, the segmentation it groups, that segmentation's mesh): the decimated mesh first, else the hi-res one
+SCANNET_FILES = [(".aggregation.json", "_vh_clean_2.0.010000.segs.json", "_vh_clean_2.ply"),
+                 ("_vh_clean.aggregation.json", "_vh_clean.segs.json", "_vh_clean.ply")]
+
+
+def ply_header(data):
+    """-> (format, [(element, count, properties)], offset of the body). A property is the words after
+    'property': ['float', 'x'] or ['list', 'uchar', 'int', 'vertex_indices']."""
+    end = data.find(b"end_header")
+    if not data.startswith(b"ply") or end < 0:
+        raise ValueError("not a PLY file: no 'ply' ... 'end_header'")
+    fmt, elements = None, []
+    for words in (line.split() for line in data[:end].decode("ascii", "replace").splitlines()):
+        if words[:1] == ["format"]:
+            fmt = words[1]
+        elif words[:1] == ["element"]:
+            elements.append((words[1], int(words[2]), []))
+        elif words[:1] == ["property"]:
+            elements[-1][2].append(words[1:])
+    if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
+        raise ValueError(f"format {fmt}, expected ascii or binary_little/big_endian")
+    return fmt, elements, (data.find(b"\n", end) + 1) or len(data)
+
+
+def ply_element(data, cursor, count, props, kind):
+    """One element -> ({property: values}, cursor after it). kind(ply type) gives the numpy type in `data`.
+    First guess: every list is a triangle, so all rows share one layout and one np.frombuffer reads them."""
+    layout = np.dtype([field for p in props for field in ([(p[3] + "#", kind(p[1])), (p[3], kind(p[2]), 3)]
+                                                          if p[0] == "list" else [(p[1], kind(p[0]))])])
+    if len(data) >= cursor + count * layout.itemsize:
+        rows = np.frombuffer(data, layout, count, cursor)
+        if all(np.all(rows[p[3] + "#"] == 3) for p in props if p[0] == "list"):
+            return {p[-1]: rows[p[-1]] for p in props}, cursor + rows.nbytes
+    columns = {p[-1]: [] for p in props}  # other polygons (or a short file): row by row
+
+    def take(ply_type, n):
+        nonlocal cursor
+        values = np.frombuffer(data, kind(ply_type), n, cursor)  # raises ValueError past the end
+        cursor += values.nbytes
+        return values
+    for _ in range(count):
+        for p in props:
+            columns[p[-1]].append(take(p[2], int(take(p[1], 1)[0])) if p[0] == "list" else take(p[0], 1)[0])
+    return columns, cursor
+
+
+def read_ply(path):
+    """PLY mesh (ascii or binary) -> vertices (N, 3) float64, triangles (M, 3) int64 (polygons fanned out)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the mesh: {error}") from None
+    table, name = {}, "header"  # name: what is being read, for the error message
+    try:
+        fmt, elements, cursor = ply_header(data)
+        kind, name = lambda ply_type: (">" if fmt == "binary_big_endian" else "<") + PLY_TYPES[ply_type], "body"
+        if fmt == "ascii":  # parse every number up front: the body becomes a binary file of doubles
+            data, cursor, kind = np.array(data[cursor:].split(), dtype=np.float64), 0, lambda ply_type: "<f8"
+        for name, count, props in elements:
+            table[name], cursor = ply_element(data, cursor, count, props, kind)
+    except (ValueError, KeyError, IndexError) as error:
+        raise ValueError(f"{path}: field '{name}' cannot be read ({error})") from None
+    faces = table.get("face", {}).get("vertex_indices", table.get("face", {}).get("vertex_index"))
+    if not {"x", "y", "z"} <= set(table.get("vertex", {})) or faces is None:
+        raise ValueError(f"{path}: field 'vertex' x y z or 'face' vertex_indices missing")
+    if isinstance(faces, list):  # fan each polygon into triangles (0, k, k + 1)
+        faces = [(face[0], face[k], face[k + 1]) for face in faces for k in range(1, len(face) - 1)]
+    vertices = np.stack([table["vertex"][axis] for axis in "xyz"], axis=1).astype(np.float64)
+    triangles = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
+    if triangles.size and (triangles.min() < 0 or triangles.max() >= len(vertices)):
+        raise ValueError(f"{path}: field 'vertex_indices' has a vertex index outside 0..{len(vertices) - 1}")
+    return vertices, triangles
+
+
+def read_json_list(path, field):
+    """The list in a JSON file's top-level `field`; errors name the file and the field."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read field '{field}': {error}") from None
+    if not isinstance(data, dict) or not isinstance(data.get(field), list):
+        raise ValueError(f"{path}: field '{field}' missing (or not a list)")
+    return data[field]
+
+
+def read_axis_alignment(path):
+    """<scene>.txt's 'axisAlignment = m00 m01 ... m33' (row-major 4x4); the identity without file or line."""
+    if not os.path.exists(path):
+        return np.eye(4)
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for key, _, value in (line.partition("=") for line in lines):
+        if key.strip() == "axisAlignment":
+            try:
+                matrix = np.array([float(v) for v in value.split()]).reshape(4, 4)
+            except ValueError:
+                matrix = np.full((4, 4), np.nan)
+            if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix[:3, :3])) < 1e-6:
+                raise ValueError(f"{path}: field 'axisAlignment' must be 16 finite numbers of an invertible 4x4")
+            return matrix
+    return np.eye(4)
+
+
+def group_vertices(path, index, group, segment_ids, segment_of_vertex):
+    """segGroups[index] -> (its raw label, mask of its vertices); every segment must exist in the mesh."""
+    label, segments = (group.get("label"), group.get("segments")) if isinstance(group, dict) else (None, None)
+    segments = np.asarray(segments if isinstance(segments, list) else [None])
+    if not isinstance(label, str) or segments.ndim != 1 or (segments.size and segments.dtype.kind not in "iu"):
+        raise ValueError(f"{path}: field 'segGroups[{index}]' needs a 'label' string and a 'segments' list of ints")
+    if not np.isin(segments, segment_ids).all():  # a segment of another segmentation: wrong file pair
+        missing = segments[~np.isin(segments, segment_ids)][0]
+        raise ValueError(f"{path}: field 'segGroups[{index}].segments' has segment {missing}, on no mesh vertex")
+    return label, np.isin(segment_ids, segments)[segment_of_vertex]
+
+
+def floor_area(points, triangles, on_floor):
+    """Area seen from above (xy) of the triangles whose three corners are floor vertices, in m2."""
+    a, b, c = (points[triangles[on_floor[triangles].all(axis=1), k], :2] for k in range(3))
+    return float(np.abs((b - a)[:, 0] * (c - a)[:, 1] - (b - a)[:, 1] * (c - a)[:, 0]).sum() / 2)
+
+
+def scannet_boxes(scene_dir, category_names):
+    """A ScanNet v2 scene folder -> the boxes.json dict: an oriented box per annotated object, in the raw
+    mesh frame (that of ScanNet's camera poses), and the floor area. Labels outside our categories -> "other"."""
+    base = os.path.join(scene_dir, os.path.basename(os.path.normpath(scene_dir)))
+    agg_path, segs_path, ply_path = next(([base + name for name in files] for files in SCANNET_FILES
+                                          if os.path.exists(base + files[0])), [base + n for n in SCANNET_FILES[0]])
+    vertices, triangles = read_ply(ply_path)
+    vertex_segment = np.asarray(read_json_list(segs_path, "segIndices"))
+    if vertex_segment.shape != (len(vertices),) or vertex_segment.dtype.kind not in "iu":
+        raise ValueError(f"{segs_path}: field 'segIndices' must be {len(vertices)} integers (one per vertex "
+                         f"of {ply_path}), got {vertex_segment.size} of type {vertex_segment.dtype}")
+    segment_ids, segment_of_vertex = np.unique(vertex_segment, return_inverse=True)
+    align = read_axis_alignment(base + ".txt")
+    aligned = vertices @ align[:3, :3].T + align[:3, 3]
+    to_raw = np.linalg.inv(align)  # boxes are axis-aligned in the aligned frame: turned by to_raw's yaw in the raw one
+    yaw = math.atan2(to_raw[1, 0], to_raw[0, 0])
+    objects, on_floor = [], np.zeros(len(vertices), dtype=bool)
+    for index, group in enumerate(read_json_list(agg_path, "segGroups")):
+        label, members = group_vertices(agg_path, index, group, segment_ids, segment_of_vertex)
+        name = " ".join(label.lower().split())  # annotators typed labels: compare them case- and space-blind
+        if name == "floor":
+            on_floor |= members
+        if SHELL_WORDS & set(name.split()[-1:]) or members.sum() < MIN_VERTICES:
+            continue
+        low, high = aligned[members].min(axis=0), aligned[members].max(axis=0)
+        category = SCANNET_TO_CATEGORY.get(name, name)
+        objects.append({"category": category if category in category_names else "other", "label": label,
+                        "center": [round(float(v), 6) for v in to_raw[:3, :3] @ ((low + high) / 2) + to_raw[:3, 3]],
+                        "size": [round(float(v), 6) for v in high - low], "yaw": round(yaw, 6)})
+    area = round(floor_area(aligned, triangles, on_floor), 4)  # float32 vertices: finer digits are noise
+    return {"objects": objects, "room": {"floor_area": area} if area > 0 else {}}
+
+
+def write_scannet_boxes(scans_dir, scenes_dir):
+    """boxes.json for every scene folder of scenes_dir (SPAR's layout) from ScanNet's annotations of the same
+    scene in scans_dir; a boxes.json already there is kept."""
+    written = 0
+    for scene in sorted(d for d in os.listdir(scenes_dir) if os.path.isdir(os.path.join(scenes_dir, d))):
+        target = os.path.join(scenes_dir, scene, "boxes.json")
+        if not os.path.exists(target):
+            boxes = scannet_boxes(os.path.join(scans_dir, scene), CATEGORY_NAMES)
+            write_atomic(target, json.dumps(boxes, indent=1).encode())
+            written += 1
+    print(f"wrote {written} boxes.json into {scenes_dir} (scenes that had one kept it)")
+
+
 def load_scan(scene_dir, res, frames=32):
     """One scanned scene -> (scene dict, rgb (V,res,res,3) uint8, depth (V,res,res) f32, instance, K, poses):
     `frames` of its video, evenly spaced, among those with a usable pose."""
@@ -1503,6 +1697,7 @@ class GenConfig:
     from_scans: str = ""          # a directory of scanned scenes (SPAR RGBD layout) instead of procedural rooms
     val_fraction: float = 0.2     # with --from_scans: share of scanned scenes held out
     scan_frames: int = 32         # with --from_scans: frames per scene, evenly spaced along its video
+    scannet_boxes: str = ""       # a ScanNet scans/ folder: write each --from_scans scene's boxes.json from it, then stop
     bench: bool = False           # print renderer frames/s per core and exit
 
 
@@ -1703,6 +1898,13 @@ if __name__ == "__main__":
     config = parse_args(sys.argv[1:], GenConfig())
     if config.bench:
         bench()
+    elif config.scannet_boxes:
+        if not config.from_scans:
+            raise SystemExit("--scannet_boxes: give the scenes to write boxes.json into as --from_scans=DIR")
+        try:
+            write_scannet_boxes(config.scannet_boxes, config.from_scans)
+        except ValueError as error:
+            raise SystemExit(f"generate_spar.py: {error}")
     else:
         start = time.time()
         try:

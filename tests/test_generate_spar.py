@@ -657,6 +657,278 @@ def test_scan_errors_name_the_file_and_field(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# ScanNet v2 annotations -> boxes.json: a tiny synthetic ScanNet scene written into tmp_path, checked against
+# values known by construction (objects placed axis-aligned in the aligned frame, the mesh written in the raw frame)
+
+SCENE = "scene0000_00"
+ANGLE, SHIFT = math.radians(30), np.array([0.7, -1.3, 0.05])  # axisAlignment: turn 30 degrees about z, then shift
+CHAIR = dict(center=[1.0, 1.0, 0.45], size=[0.5, 0.6, 0.9])
+MYSTERY = dict(center=[3.0, 2.0, 0.3], size=[0.4, 0.4, 0.6])
+
+
+def axis_alignment():
+    c, s = math.cos(ANGLE), math.sin(ANGLE)
+    return np.array([[c, -s, 0, SHIFT[0]], [s, c, 0, SHIFT[1]], [0, 0, 1, SHIFT[2]], [0, 0, 0, 1]])
+
+
+def to_raw(points):
+    """aligned -> raw by hand: undo the shift, then turn by -30 degrees (no matrix inverse)."""
+    c, s = math.cos(-ANGLE), math.sin(-ANGLE)
+    p = np.asarray(points, dtype=np.float64) - SHIFT
+    return np.stack([c * p[..., 0] - s * p[..., 1], s * p[..., 0] + c * p[..., 1], p[..., 2]], axis=-1)
+
+
+def box_surface(center, size):
+    """The 8 corners of a box plus a 4x4 grid on each face: > 10 distinct vertices."""
+    t = np.linspace(-0.5, 0.5, 4)
+    grid = np.array([[a, b] for a in t for b in t])
+    faces = [np.insert(grid, axis, side, axis=1) for axis in range(3) for side in (-0.5, 0.5)]
+    return np.unique(np.concatenate(faces), axis=0) * size + center
+
+
+def synthetic_mesh():
+    """Aligned-frame vertices, faces (lists of indices), per-vertex segment ids and the segGroups."""
+    floor = np.array([[0, 0, 0], [4, 0, 0], [4, 3, 0], [0, 3, 0]], dtype=np.float64)  # a 4 x 3 m rectangle
+    wall = np.array([[x, 3.0, z] for x in np.linspace(0, 4, 4) for z in np.linspace(0, 2.5, 3)])  # 12 vertices
+    chair, mystery = box_surface(**CHAIR), box_surface(**MYSTERY)
+    lamp = np.array([[2, 2, 1.0], [2.1, 2, 1], [2, 2.1, 1], [2, 2, 1.2], [2.1, 2.1, 1.2]])  # 5: too few
+    loose = np.array([[0.5, 2.5, 0.1], [0.6, 2.5, 0.1], [0.5, 2.6, 0.1]])  # annotated by no group
+    parts = [floor, wall, chair, mystery, lamp, loose]
+    start = np.cumsum([0] + [len(p) for p in parts])
+    segments = np.concatenate([[10, 10, 17, 17], np.full(12, 7), np.where(np.arange(len(chair)) % 2, 3, 250),
+                               np.full(len(mystery), 42), np.full(5, 5000), np.full(3, 999)])
+    groups = [{"id": 0, "objectId": 0, "segments": [10, 17], "label": "floor"},
+              {"id": 1, "objectId": 1, "segments": [7], "label": "wall"},
+              {"id": 2, "objectId": 2, "segments": [3, 250], "label": "office chair"},
+              {"id": 3, "objectId": 3, "segments": [42], "label": "mystery thing"},
+              {"id": 4, "objectId": 4, "segments": [5000], "label": "lamp"}]
+    w, c = start[1], start[2]
+    faces = [[0, 1, 2], [0, 2, 3],  # the floor
+             [w, w + 3, w + 1], [w + 3, w + 4, w + 1],  # part of the wall
+             [0, 1, c],  # two floor corners and a chair corner, seen from above inside the room: not floor
+             [c, c + 1, c + 2]]  # a chair sliver
+    return np.concatenate(parts), faces, segments, groups
+
+
+def write_ply(path, vertices, faces, ascii=False):
+    """ScanNet's layout: float x y z, uchar red green blue alpha; faces as 'list uchar int vertex_indices'."""
+    header = ("ply\nformat {}\ncomment VCGLIB generated\nelement vertex {}\nproperty float x\nproperty float y\n"
+              "property float z\nproperty uchar red\nproperty uchar green\nproperty uchar blue\nproperty uchar alpha\n"
+              "element face {}\nproperty list uchar int vertex_indices\nend_header\n").format(
+        "ascii 1.0" if ascii else "binary_little_endian 1.0", len(vertices), len(faces))
+    xyz = np.asarray(vertices, dtype=np.float32)
+    if ascii:
+        lines = [" ".join(repr(float(v)) for v in p) + " 128 64 32 255" for p in xyz]
+        lines += [" ".join(str(i) for i in [len(f)] + list(f)) for f in faces]
+        body = ("\n".join(lines) + "\n").encode()
+    else:
+        rows = np.zeros(len(xyz), dtype=[("xyz", "<f4", 3), ("rgba", "u1", 4)])
+        rows["xyz"], rows["rgba"] = xyz, [128, 64, 32, 255]
+        body = rows.tobytes() + b"".join(np.array([len(f)], "u1").tobytes() + np.array(f, "<i4").tobytes()
+                                         for f in faces)
+    with open(path, "wb") as f:
+        f.write(header.encode() + body)
+
+
+def write_scene(root, ascii=False, faces=None, txt=True):
+    """Write the scene in the raw frame; returns (scene folder, its files' base path, raw vertices as written)."""
+    aligned, default_faces, segments, groups = synthetic_mesh()
+    scene_dir = root / SCENE
+    scene_dir.mkdir(exist_ok=True)
+    base = str(scene_dir / SCENE)
+    raw = to_raw(aligned) if txt else aligned
+    write_ply(base + "_vh_clean_2.ply", raw, faces or default_faces, ascii)
+    with open(base + "_vh_clean_2.0.010000.segs.json", "w") as f:
+        json.dump({"params": {"kThresh": "0.0001"}, "sceneId": SCENE, "segIndices": segments.tolist()}, f)
+    with open(base + ".aggregation.json", "w") as f:
+        json.dump({"sceneId": "scannet." + SCENE, "appId": "Aggregator.v2", "segGroups": groups,
+                   "segmentsFile": "scannet." + SCENE + "_vh_clean_2.0.010000.segs.json"}, f)
+    if txt:
+        with open(base + ".txt", "w") as f:
+            numbers = " ".join(f"{v:.9f}" for v in axis_alignment().ravel())
+            f.write(f"colorHeight = 968\naxisAlignment = {numbers}\nnumDepthFrames = 5578\nsceneType = Bedroom\n")
+    return scene_dir, base, np.asarray(raw, dtype=np.float32).astype(np.float64)
+
+
+def corners(center, size, yaw):
+    """A box's 8 corners, written out independently of the converter."""
+    c, s = math.cos(yaw), math.sin(yaw)
+    local = np.array([[x, y, z] for x in (-.5, .5) for y in (-.5, .5) for z in (-.5, .5)]) * size
+    return np.stack([c * local[:, 0] - s * local[:, 1], s * local[:, 0] + c * local[:, 1], local[:, 2]], 1) + center
+
+
+def test_boxes_categories_and_floor(tmp_path):
+    scene_dir, _, raw = write_scene(tmp_path)
+    boxes = json.loads(json.dumps(g.scannet_boxes(str(scene_dir), g.CATEGORY_NAMES)))  # it must survive JSON
+    assert [(o["category"], o["label"]) for o in boxes["objects"]] == [("chair", "office chair"),
+                                                                       ("other", "mystery thing")]
+    for obj, truth in zip(boxes["objects"], [CHAIR, MYSTERY]):
+        assert obj["yaw"] == pytest.approx(-ANGLE, abs=1e-6)  # inverse(A) turns by -30 degrees
+        assert obj["size"] == pytest.approx(truth["size"], abs=1e-5)
+        assert obj["center"] == pytest.approx(to_raw(truth["center"]).tolist(), abs=1e-5)
+        # the oriented box's corners in the raw frame are the true corners carried through inverse(A)
+        expected = to_raw(corners(truth["center"], truth["size"], 0.0))
+        got = corners(obj["center"], obj["size"], obj["yaw"])
+        assert np.abs(np.sort(got, axis=0) - np.sort(expected, axis=0)).max() < 1e-5
+    assert boxes["room"]["floor_area"] == pytest.approx(12.0, abs=1e-6)
+    x, y = raw[:4, 0], raw[:4, 1]  # the floor quad as stored (float32): shoelace formula
+    assert boxes["room"]["floor_area"] == pytest.approx(abs(x @ np.roll(y, -1) - y @ np.roll(x, -1)) / 2, abs=1e-4)
+
+
+def test_ascii_ply_gives_the_same_boxes(tmp_path):
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "ascii").mkdir()
+    binary_dir, _, _ = write_scene(tmp_path / "binary")
+    ascii_dir, base, _ = write_scene(tmp_path / "ascii", ascii=True)
+    with open(base + "_vh_clean_2.ply", "rb") as f:
+        assert b"format ascii 1.0" in f.read(200)
+    assert g.scannet_boxes(str(ascii_dir), g.CATEGORY_NAMES) == g.scannet_boxes(str(binary_dir), g.CATEGORY_NAMES)
+
+
+def test_polygon_faces_are_fanned_into_triangles(tmp_path):
+    _, faces, _, _ = synthetic_mesh()
+    scene_dir, _, _ = write_scene(tmp_path, faces=[[0, 1, 2, 3]] + faces[2:])  # the floor as one quad
+    assert g.scannet_boxes(str(scene_dir), g.CATEGORY_NAMES)["room"]["floor_area"] == pytest.approx(12.0, abs=1e-6)
+
+
+def test_without_axis_alignment_boxes_are_axis_aligned(tmp_path):
+    scene_dir, _, raw = write_scene(tmp_path, txt=False)
+    chair = g.scannet_boxes(str(scene_dir), g.CATEGORY_NAMES)["objects"][0]
+    _, _, segments, _ = synthetic_mesh()
+    points = raw[np.isin(segments, [3, 250])]
+    assert chair["yaw"] == 0.0
+    assert chair["center"] == pytest.approx(((points.min(0) + points.max(0)) / 2).tolist(), abs=1e-6)
+    assert chair["size"] == pytest.approx((points.max(0) - points.min(0)).tolist(), abs=1e-6)
+
+
+def test_hi_res_files_and_category_subset(tmp_path):
+    scene_dir, base, _ = write_scene(tmp_path)
+    expected = g.scannet_boxes(str(scene_dir), g.CATEGORY_NAMES)
+    for low, high in [(".aggregation.json", "_vh_clean.aggregation.json"),
+                      ("_vh_clean_2.0.010000.segs.json", "_vh_clean.segs.json"), ("_vh_clean_2.ply", "_vh_clean.ply")]:
+        os.rename(base + low, base + high)  # ScanNet's hi-res annotation goes with the hi-res segs and mesh
+    assert g.scannet_boxes(str(scene_dir), g.CATEGORY_NAMES) == expected
+    objects = g.scannet_boxes(str(scene_dir), ["table", "lamp"])["objects"]
+    assert [(o["category"], o["label"]) for o in objects] == [("other", "office chair"), ("other", "mystery thing")]
+
+
+def test_no_floor_label_leaves_floor_area_out(tmp_path):
+    scene_dir, base, _ = write_scene(tmp_path)
+    with open(base + ".aggregation.json") as f:
+        data = json.load(f)
+    data["segGroups"][0]["label"] = "rug"  # 4 vertices: too few to be an object either
+    with open(base + ".aggregation.json", "w") as f:
+        json.dump(data, f)
+    assert g.scannet_boxes(str(scene_dir), g.CATEGORY_NAMES)["room"] == {}
+
+
+def break_json(path, change):
+    with open(path) as f:
+        data = json.load(f)
+    change(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+BAD_INPUTS = {  # name -> (file suffix, how to break it, field the error must name)
+    "no segGroups": (".aggregation.json", lambda d: d.pop("segGroups"), "segGroups"),
+    "unknown segment": (".aggregation.json", lambda d: d["segGroups"][2]["segments"].append(12345),
+                        "segGroups[2].segments"),
+    "label missing": (".aggregation.json", lambda d: d["segGroups"][3].pop("label"), "segGroups[3]"),
+    "segment not int": (".aggregation.json", lambda d: d["segGroups"][1]["segments"].append("7"), "segGroups[1]"),
+    "segs too short": ("_vh_clean_2.0.010000.segs.json", lambda d: d["segIndices"].pop(), "segIndices"),
+    "segs not ints": ("_vh_clean_2.0.010000.segs.json", lambda d: d["segIndices"].__setitem__(0, "a"),
+                      "segIndices"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_json_names_file_and_field(tmp_path, case):
+    suffix, change, field = BAD_INPUTS[case]
+    scene_dir, base, _ = write_scene(tmp_path)
+    break_json(base + suffix, change)
+    with pytest.raises(ValueError) as error:
+        g.scannet_boxes(str(scene_dir), g.CATEGORY_NAMES)
+    message = str(error.value)
+    assert message.startswith(base + suffix + ":") and f"'{field}" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("case", ["axisAlignment short", "ply truncated", "face index", "not a ply", "no ply",
+                                  "ascii word"])
+def test_bad_mesh_or_alignment_names_file_and_field(tmp_path, case):
+    scene_dir, base, raw = write_scene(tmp_path)
+    path, field = {"axisAlignment short": (base + ".txt", "axisAlignment"),
+                   "ply truncated": (base + "_vh_clean_2.ply", "face"),
+                   "face index": (base + "_vh_clean_2.ply", "vertex_indices"),
+                   "not a ply": (base + "_vh_clean_2.ply", "'header'"),
+                   "no ply": (base + "_vh_clean_2.ply", "mesh"),
+                   "ascii word": (base + "_vh_clean_2.ply", "body")}[case]
+    if case == "axisAlignment short":
+        with open(path, "w") as f:
+            f.write("axisAlignment = " + " ".join(["1"] * 15) + "\n")
+    elif case == "ply truncated":
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[:-5])
+    elif case == "face index":
+        write_ply(path, raw, [[0, 1, len(raw)]])
+    elif case == "not a ply":
+        with open(path, "wb") as f:
+            f.write(b"not a mesh")
+    elif case == "no ply":
+        os.remove(path)
+    else:
+        write_ply(path, raw, [[0, 1, 2]], ascii=True)
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data.replace(b" 128 64 32 255\n", b" 128 sixty-four 32 255\n", 1))
+    with pytest.raises(ValueError) as error:
+        g.scannet_boxes(str(scene_dir), g.CATEGORY_NAMES)
+    message = str(error.value)
+    assert message.startswith(path + ":") and field in message and "\n" not in message
+
+
+def test_scannet_to_questions_in_two_commands(tmp_path):
+    """README's route: ScanNet's annotations -> boxes.json in SPAR's scene folder (command 1), then questions
+    from the scan (command 2); frames named 0, 10, ..., one lost pose, depth at 48 x 40 with its own lens. A
+    chair distance is checked against the chair's known place and the camera; the unmapped object is never named."""
+    (tmp_path / "scans").mkdir()
+    write_scene(tmp_path / "scans")
+    chair_raw = to_raw(CHAIR["center"])
+    scene = make_scene([make_box(0, "chair", chair_raw, CHAIR["size"], -ANGLE),
+                        make_box(1, "other", to_raw(MYSTERY["center"]), MYSTERY["size"], -ANGLE)])
+    spar = tmp_path / "spar" / SCENE
+    for folder in ("image_color", "image_depth", "intrinsic", "pose"):
+        (spar / folder).mkdir(parents=True)
+    K, K_depth = g.intrinsics(64, 64, 70), np.array([[30.0, 0, 23.5], [0, 26.0, 19.5], [0, 0, 1]])
+    np.savetxt(spar / "intrinsic" / "intrinsic_color.txt", K)
+    np.savetxt(spar / "intrinsic" / "intrinsic_depth.txt", K_depth)
+    poses = []
+    for v in range(6):  # around the chair, 2.2 m away, looking at it
+        angle = math.radians(200 + 25 * v)
+        eye = chair_raw + np.array([2.2 * math.cos(angle), 2.2 * math.sin(angle), 0.8])
+        poses.append(g.look_pose(eye, angle + math.pi, math.radians(-20)))
+        g.write_png(str(spar / "image_color" / f"{10 * v}.png"), g.render(scene, K, poses[-1], 64, 64)[0])
+        depth = g.render(scene, K_depth, poses[-1], 40, 48)[1]
+        g.write_png(str(spar / "image_depth" / f"{10 * v}.png"), np.round(depth * 1000).astype(np.uint16))
+        np.savetxt(spar / "pose" / f"{10 * v}.txt", poses[-1] if v != 3 else np.full((4, 4), -np.inf))
+    run_generator(tmp_path / "unused", f"--scannet_boxes={tmp_path / 'scans'}", f"--from_scans={tmp_path / 'spar'}")
+    assert json.load(open(spar / "boxes.json"))["objects"][0]["category"] == "chair"
+    run_generator(tmp_path / "data", f"--from_scans={tmp_path / 'spar'}", "--res=64", "--vocab_size=0",
+                  "--qa_per_task=4", "--val_fraction=0", "--numeric_select=0")
+    records = [json.loads(line) for line in open(tmp_path / "data" / "qa_train.jsonl")]
+    kept = [0, 1, 2, 4, 5]  # frame 30 lost its pose
+    distances = [r for r in records if r["task"] == "distance_prediction_oc"]
+    assert distances and records
+    for record in distances:
+        camera = poses[kept[record["image"][0]]][:3, 3]
+        assert float(record["answer"]) == pytest.approx(np.linalg.norm(chair_raw - camera), abs=0.006)
+    assert not any("other" in r["question"].split() for r in records)
+
+
+# -----------------------------------------------------------------------------
 # the command line: parse_args, which every script uses
 
 
