@@ -604,6 +604,8 @@ def load_tokenizer(path, add_special=False):
         tokenizer = Tokenizer.from_file(path)
     except Exception as error:  # tokenizers raises a bare Exception on malformed files
         raise ValueError(f"{path}: unreadable tokenizer ({error})") from None
+    tokenizer.no_truncation()  # a pretrained tokenizer.json may carry its own: it would cut questions silently
+    tokenizer.no_padding()
     missing = [token for token in SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
     if missing and add_special:
         tokenizer.add_special_tokens(missing)

@@ -1287,8 +1287,11 @@ def read_image(path):
         from PIL import Image  # only real JPEG frames need Pillow
     except ImportError:
         raise ValueError(f"{path}: reading JPEG frames needs Pillow (pip install pillow), or convert them to PNG")
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except OSError as error:  # Pillow's UnidentifiedImageError is one: a truncated or foreign file
+        raise ValueError(f"{path}: unreadable image ({error})") from None
 
 
 def resize_area(image, height, width):
@@ -1344,40 +1347,53 @@ def read_boxes(path):
 
 def frame_number(name):
     """The number a frame file is named by ("20.jpg", "000020.png", "frame-000020.color.jpg" -> 20), else None."""
-    digits = re.findall(r"\d+", os.path.splitext(name)[0])
+    digits = re.findall(r"\d+", name.split(".")[0])
     return int(digits[-1]) if digits else None
 
 
-def scan_video(scene_dir):
-    """Frame names (stems) of a scan's video: video_idx.txt's numbers in its order, else every colour frame in
-    numeric order (text order would run 0, 100, 120, ..., 20, 200)."""
-    color_dir = os.path.join(scene_dir, "image_color")
-    if not os.path.isdir(color_dir):
-        raise ValueError(f"{scene_dir}: missing folder image_color/")
-    stems = [os.path.splitext(n)[0] for n in os.listdir(color_dir) if n.lower().endswith((".jpg", ".jpeg", ".png"))]
-    if not stems:
-        raise ValueError(f"{color_dir}: no .jpg or .png frames")
-    numbered = {frame_number(stem): stem for stem in stems}
+def numbered_files(folder, extensions):
+    """{frame number: path} of a folder's files with these extensions: the colour, depth and pose files of one
+    frame share its number, whatever else their names say."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: missing folder")
+    names = [n for n in os.listdir(folder) if n.lower().endswith(extensions) and frame_number(n) is not None]
+    return {frame_number(n): os.path.join(folder, n) for n in sorted(names)}
+
+
+def scan_video(scene_dir, colors):
+    """Frame numbers of a scan's video: video_idx.txt's, in its order, else every colour frame's, in numeric order
+    (text order would run 0, 100, 120, ..., 20, 200)."""
     listed = os.path.join(scene_dir, "video_idx.txt")
     if os.path.exists(listed) and open(listed).read().strip():
-        numbers = [line.strip() for line in open(listed) if line.strip()]
-        bad = next((n for n in numbers if not n.isdigit() or int(n) not in numbered), None)
+        lines = [line.strip() for line in open(listed) if line.strip()]
+        bad = next((line for line in lines if not line.isdigit()), None)
         if bad is not None:
-            raise ValueError(f"{listed}: frame {bad!r} is not a frame number of image_color/")
-        return [numbered[int(n)] for n in numbers]
-    return sorted(stems, key=lambda stem: (frame_number(stem) is None, frame_number(stem) or 0, stem))
+            raise ValueError(f"{listed}: {bad!r} is not a frame number")
+        return [int(line) for line in lines]
+    return sorted(colors)
 
 
 def rigid_pose(path):
-    """A frame's camera-to-world pose, or None where it is not finite or not rigid (ScanNet: -inf when lost)."""
+    """A frame's camera-to-world pose, or None where it is not finite (ScanNet writes -inf when tracking was
+    lost) or not rigid; a file that is not a 4 x 4 matrix of numbers is an error naming it."""
     try:
-        pose = read_matrix(path, "pose", (4, 4))
-    except ValueError:
-        if not os.path.exists(path):
-            raise
-        return None
+        pose = np.loadtxt(path, dtype=np.float64)
+    except ValueError as error:
+        raise ValueError(f"{path}: cannot read pose: {error}") from None
+    if pose.shape != (4, 4):
+        raise ValueError(f"{path}: pose must be a 4x4 matrix, got shape {pose.shape}")
     rigid = np.allclose(pose[3], [0, 0, 0, 1], atol=1e-4) and abs(np.linalg.det(pose[:3, :3]) - 1) < 1e-2
-    return pose if rigid else None
+    return pose if np.all(np.isfinite(pose)) and rigid else None
+
+
+def check_intrinsics(K, image, path):
+    """A pinhole matrix must belong to its image: a principal point far from the image's centre means the
+    intrinsics of another resolution (ScanNet's depth is 640 x 480, its colour 1296 x 968)."""
+    height, width = image.shape[:2]
+    if not (0.3 < K[0, 2] / width < 0.7 and 0.3 < K[1, 2] / height < 0.7):
+        raise ValueError(f"{path}: principal point ({K[0, 2]:.1f}, {K[1, 2]:.1f}) is far from the centre of the "
+                         f"{width}x{height} image it describes: intrinsics of another resolution?")
+    return K
 
 
 def depth_on_color_grid(depth_mm, K_depth, K_color, res):
@@ -1408,7 +1424,7 @@ PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": 
 # ScanNet's raw labels are free text; these frequent ones name one of our categories differently.
 SCANNET_TO_CATEGORY = {
     "office chair": "chair", "folded chair": "chair", "sofa chair": "armchair", "couch": "sofa",
-    "coffee table": "table", "end table": "table", "dining table": "table", "side table": "table",
+    "refridgerator": "fridge", "coffee table": "table", "end table": "table", "dining table": "table", "side table": "table",
     "round table": "table", "kitchen cabinet": "cabinet", "kitchen cabinets": "cabinet", "cabinets": "cabinet",
     "file cabinet": "cabinet", "bathroom cabinet": "cabinet", "refrigerator": "fridge", "mini fridge": "fridge",
     "trashcan": "trash can", "trash bin": "trash can", "recycling bin": "trash can", "garbage bin": "trash can",
@@ -1536,6 +1552,17 @@ def group_vertices(path, index, group, segment_ids, segment_of_vertex):
     return label, np.isin(segment_ids, segments)[segment_of_vertex]
 
 
+def scannet_category(name, category_names):
+    """A raw ScanNet label (lower case) -> ours, or "other": the table, else the label, its last word, each also
+    without a plural s ("dining chairs" -> chair, "bunk bed" -> bed; "tv stand" stays other: a stand, not a tv)."""
+    last = name.split()[-1]
+    for candidate in (name, last, name.removesuffix("s"), last.removesuffix("s")):
+        category = SCANNET_TO_CATEGORY.get(candidate, candidate)
+        if category in category_names:
+            return category
+    return "other"
+
+
 def floor_area(points, triangles, on_floor):
     """Area seen from above (xy) of the triangles whose three corners are floor vertices, in m2."""
     a, b, c = (points[triangles[on_floor[triangles].all(axis=1), k], :2] for k in range(3))
@@ -1558,7 +1585,7 @@ def scannet_boxes(scene_dir, category_names):
     aligned = vertices @ align[:3, :3].T + align[:3, 3]
     to_raw = np.linalg.inv(align)  # boxes are axis-aligned in the aligned frame: turned by to_raw's yaw in the raw one
     yaw = math.atan2(to_raw[1, 0], to_raw[0, 0])
-    objects, on_floor = [], np.zeros(len(vertices), dtype=bool)
+    objects, on_floor, seen = [], np.zeros(len(vertices), dtype=bool), set()
     for index, group in enumerate(read_json_list(agg_path, "segGroups")):
         label, members = group_vertices(agg_path, index, group, segment_ids, segment_of_vertex)
         name = " ".join(label.lower().split())  # annotators typed labels: compare them case- and space-blind
@@ -1567,8 +1594,10 @@ def scannet_boxes(scene_dir, category_names):
         if SHELL_WORDS & set(name.split()[-1:]) or members.sum() < MIN_VERTICES:
             continue
         low, high = aligned[members].min(axis=0), aligned[members].max(axis=0)
-        category = SCANNET_TO_CATEGORY.get(name, name)
-        objects.append({"category": category if category in category_names else "other", "label": label,
+        if (name, tuple(sorted(group["segments"]))) in seen:  # some scenes list an object twice (scene0217_00)
+            continue
+        seen.add((name, tuple(sorted(group["segments"]))))
+        objects.append({"category": scannet_category(name, category_names), "label": label,
                         "center": [round(float(v), 6) for v in to_raw[:3, :3] @ ((low + high) / 2) + to_raw[:3, 3]],
                         "size": [round(float(v), 6) for v in high - low], "yaw": round(yaw, 6)})
     area = round(floor_area(aligned, triangles, on_floor), 4)  # float32 vertices: finer digits are noise
@@ -1582,43 +1611,55 @@ def write_scannet_boxes(scans_dir, scenes_dir):
     for scene in sorted(d for d in os.listdir(scenes_dir) if os.path.isdir(os.path.join(scenes_dir, d))):
         target = os.path.join(scenes_dir, scene, "boxes.json")
         if not os.path.exists(target):
+            if not os.path.isdir(os.path.join(scans_dir, scene)):
+                raise ValueError(f"{os.path.join(scans_dir, scene)}: no ScanNet scene folder for {target}")
             boxes = scannet_boxes(os.path.join(scans_dir, scene), CATEGORY_NAMES)
             write_atomic(target, json.dumps(boxes, indent=1).encode())
             written += 1
     print(f"wrote {written} boxes.json into {scenes_dir} (scenes that had one kept it)")
 
 
+def usable_frames(scene_dir, video, colors, depths, pose_files):
+    """The video's frames that have their three files and a usable pose -> {number: pose}; the rest counted."""
+    complete = [f for f in video if f in colors and f in depths and f in pose_files]
+    poses = {f: rigid_pose(pose_files[f]) for f in complete}
+    usable = {f: pose for f, pose in poses.items() if pose is not None}
+    if len(usable) < len(video):
+        print(f"{scene_dir}: skipped {len(video) - len(usable)} of {len(video)} frames: {len(video) - len(complete)} "
+              f"without their colour, depth or pose file, {len(complete) - len(usable)} with a pose not finite or rigid")
+    if len(usable) < 2:
+        raise ValueError(f"{scene_dir}: {len(usable)} usable frame(s); a scene needs at least 2")
+    return usable
+
+
 def load_scan(scene_dir, res, frames=32):
     """One scanned scene -> (scene dict, rgb (V,res,res,3) uint8, depth (V,res,res) f32, instance, K, poses):
-    `frames` of its video, evenly spaced, among those with a usable pose."""
-    video = scan_video(scene_dir)
-    poses = {frame: rigid_pose(os.path.join(scene_dir, "pose", frame + ".txt")) for frame in video}
-    usable = [frame for frame in video if poses[frame] is not None]
-    if len(usable) < len(video):
-        print(f"{scene_dir}: skipped {len(video) - len(usable)} of {len(video)} frames (pose not finite or not rigid)")
-    if not usable:
-        raise ValueError(f"{scene_dir}/pose: no frame has a usable pose")
+    `frames` of its video, evenly spaced, among those with all their files and a usable pose."""
+    colors = numbered_files(os.path.join(scene_dir, "image_color"), (".jpg", ".jpeg", ".png"))
+    depths = numbered_files(os.path.join(scene_dir, "image_depth"), (".png",))
+    pose_files = numbered_files(os.path.join(scene_dir, "pose"), (".txt",))
+    poses = usable_frames(scene_dir, scan_video(scene_dir, colors), colors, depths, pose_files)
+    usable = list(poses)
     chosen = [usable[int(i)] for i in np.unique(np.linspace(0, len(usable) - 1, min(frames, len(usable))).round())]
     objects, room = read_boxes(os.path.join(scene_dir, "boxes.json"))
     shared_K = os.path.join(scene_dir, "intrinsic", "intrinsic_color.txt")
     depth_K = os.path.join(scene_dir, "intrinsic", "intrinsic_depth.txt")
     scene = {"id": os.path.basename(os.path.normpath(scene_dir)), "source": "scan", "room": room, "objects": objects}
-    color_names = {os.path.splitext(n)[0]: n for n in os.listdir(os.path.join(scene_dir, "image_color"))}
-    rgbs, depths, Ks = [], [], []
+    rgbs, depth_maps, Ks = [], [], []
     for frame in chosen:
-        color = read_image(os.path.join(scene_dir, "image_color", color_names[frame]))
-        depth_mm = read_png(os.path.join(scene_dir, "image_depth", frame + ".png"))
-        K = read_matrix(shared_K if os.path.exists(shared_K) else os.path.join(scene_dir, "intrinsic", frame + ".txt"),
-                        "intrinsic", (3, 3))
+        color, depth_mm = read_image(colors[frame]), read_png(depths[frame])
+        K_path = shared_K if os.path.exists(shared_K) else \
+            os.path.join(scene_dir, "intrinsic", os.path.basename(pose_files[frame]))  # one per frame
+        K = check_intrinsics(read_matrix(K_path, "intrinsic", (3, 3)), color, K_path)
+        K_depth = check_intrinsics(read_matrix(depth_K, "intrinsic", (3, 3)), depth_mm, depth_K) if os.path.exists(depth_K) \
+            else np.diag([depth_mm.shape[1] / color.shape[1], depth_mm.shape[0] / color.shape[0], 1.0]) @ K
         K_res = np.diag([res / color.shape[1], res / color.shape[0], 1.0]) @ K
-        K_depth = read_matrix(depth_K, "intrinsic", (3, 3)) if os.path.exists(depth_K) else \
-            np.diag([depth_mm.shape[1] / color.shape[1], depth_mm.shape[0] / color.shape[0], 1.0]) @ K
         rgbs.append(np.clip(np.round(resize_area(color, res, res)), 0, 255).astype(np.uint8))
-        depths.append(depth_on_color_grid(depth_mm, K_depth, K_res, res))
+        depth_maps.append(depth_on_color_grid(depth_mm, K_depth, K_res, res))
         Ks.append(K_res)
-    poses = np.stack([poses[frame] for frame in chosen])
-    instance = np.stack([scan_instances(scene, K, pose, depth) for K, pose, depth in zip(Ks, poses, depths)])
-    return scene, np.stack(rgbs), np.stack(depths), instance, np.stack(Ks), poses
+    pose_stack = np.stack([poses[frame] for frame in chosen])
+    instance = np.stack([scan_instances(scene, K, pose, depth) for K, pose, depth in zip(Ks, pose_stack, depth_maps)])
+    return scene, np.stack(rgbs), np.stack(depth_maps), instance, np.stack(Ks), pose_stack
 
 
 def scan_instances(scene, K, pose, measured_depth):
@@ -1732,13 +1773,30 @@ def scene_jobs(config):
 
 
 def generate(config):
-    """The whole data set: scenes (in parallel), qa_{train,val}.jsonl, tokenizer.json, optional previews."""
-    from tqdm import tqdm
+    """The whole data set: scenes (in parallel), qa_{train,val}.jsonl, tokenizer.json, optional previews; a
+    failure leaves --out as it found it (absent or empty), so a corrected rerun is not refused."""
     if not 1 <= config.views - config.random_views <= 32:
         raise SystemExit(f"--views={config.views} with --random_views={config.random_views}: the walk needs 1..32 frames")
     if os.path.isdir(config.out) and os.listdir(config.out):  # an earlier set's scenes would mix with this one's
         raise SystemExit(f"--out={config.out} is not empty: generate into a new or empty folder")
+    if config.from_scans and os.path.abspath(config.out).startswith(os.path.join(os.path.abspath(config.from_scans), "")):
+        raise SystemExit(f"--out={config.out} is inside --from_scans: it would be read as a scene")
+    if config.from_scans and not 2 <= config.scan_frames <= 32:
+        raise SystemExit(f"--scan_frames={config.scan_frames}: a scan's video takes 2..32 frames")
+    existed = os.path.isdir(config.out)
     os.makedirs(os.path.join(config.out, "scenes"))
+    try:
+        return generate_into(config)
+    except BaseException:
+        for name in os.listdir(config.out) if existed else []:
+            shutil.rmtree(os.path.join(config.out, name), ignore_errors=True)
+        if not existed:
+            shutil.rmtree(config.out, ignore_errors=True)
+        raise
+
+
+def generate_into(config):
+    from tqdm import tqdm
     jobs = scene_jobs(config)
     records = {"train": [], "val": []}
     if config.workers > 1:
@@ -1898,17 +1956,15 @@ if __name__ == "__main__":
     config = parse_args(sys.argv[1:], GenConfig())
     if config.bench:
         bench()
-    elif config.scannet_boxes:
-        if not config.from_scans:
-            raise SystemExit("--scannet_boxes: give the scenes to write boxes.json into as --from_scans=DIR")
-        try:
-            write_scannet_boxes(config.scannet_boxes, config.from_scans)
-        except ValueError as error:
-            raise SystemExit(f"generate_spar.py: {error}")
+    elif config.scannet_boxes and not config.from_scans:
+        raise SystemExit("--scannet_boxes: give the scenes to write boxes.json into as --from_scans=DIR")
     else:
         start = time.time()
-        try:
-            generate(config)
-        except ValueError as error:  # bad input (a scan's file): one line naming it, not a traceback
+        try:  # bad input (a scan's file): one line naming it, not a traceback
+            write_scannet_boxes(config.scannet_boxes, config.from_scans) if config.scannet_boxes else generate(config)
+        except ValueError as error:
             raise SystemExit(f"generate_spar.py: {error}")
-        print(f"wrote {config.out} in {time.time() - start:.1f} s")
+        except OSError as error:
+            raise SystemExit(f"generate_spar.py: {error.filename}: {error.strerror}" if error.filename else str(error))
+        if not config.scannet_boxes:
+            print(f"wrote {config.out} in {time.time() - start:.1f} s")

@@ -401,6 +401,8 @@ def build_vlm(cfg, models):
     train_set, val_set = (data.QADataset(cfg.data, split, geo_config.image_size, oracle=cfg.spa3r == "oracle",
                                          tasks=task_list(cfg.tasks)) for split in ("train", "val"))
     collate = partial(vlm.collate, tokenizer=tokenizer, config=config)
+    for dataset in (train_set, val_set):  # now, not as a DataLoader worker's traceback at some later step
+        vlm.check_lengths(dataset.records, tokenizer, config, dataset.path)
     if cfg.spa3r == "psfm" and len(train_set):  # the adapter's fixed standardisation of the frozen latent
         picks = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))[:256].tolist()
         model.set_latent_statistics(collate([train_set[i] for i in picks[k:k + 32]]) for k in range(0, len(picks), 32))
@@ -528,7 +530,8 @@ def check_finite_state(model, optimizer, when, out):
             raise ValueError(f"{when}: {name} is not finite; not saved: {out} keeps what it held")
 
 
-SAME_ON_RESUME = ("batch_size", "seed", "num_views", "samples_per_scene", "view_sampling", "spa3r")  # the sample stream and the model
+SAME_ON_RESUME = ("batch_size", "seed", "num_views", "samples_per_scene", "view_sampling", "spa3r",
+                  "init_lm")  # the sample stream and the model
 
 
 def resume(cfg, stage, optimizer, device):
@@ -548,6 +551,10 @@ def resume(cfg, stage, optimizer, device):
     if data.read_json(config_path) != json.loads(json.dumps(stage.config)):  # AdamW's state is matched by index
         raise ValueError(f"{config_path}: the model config differs from this run's (--geo.*, --psfm.*, --lm.*, --vlm.*): "
                          "resume with the same one")
+    for name, text in (stage.files or {}).items():  # the tokenizer: the one the checkpoint was trained with
+        if os.path.exists(os.path.join(cfg.out, name)) and open(os.path.join(cfg.out, name)).read() != text:
+            raise ValueError(f"{os.path.join(cfg.out, name)}: differs from this run's (--data / --init_lm): "
+                             "resume with the same one")
     data.load_weights(stage.model, os.path.join(cfg.out, "model.safetensors"))
     load_state(optimizer, os.path.join(cfg.out, "state.safetensors"), device)
     return saved
@@ -1114,6 +1121,8 @@ def log_header(log, cfg, stage, run, saved):
 
 def main(argv):
     first = parse_args(argv, TrainConfig(), {name: cls() for name, cls in MODEL_CONFIGS.items()})
+    if first.init_lm and any(arg.startswith("--lm.") for arg in argv):
+        raise SystemExit("--lm.*: the LM's shape comes from the --init_lm checkpoint; leave --lm.* out")
     if first.stage not in ("",) + STAGES:
         raise SystemExit(f"--stage must be one of {', '.join(STAGES)} (or absent for all three), got {first.stage!r}")
     if first.preset not in ("", "tiny", "reference"):

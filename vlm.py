@@ -393,6 +393,18 @@ def check_length(length, config, name):
         raise ValueError(f"vlm.py: record {name!r} needs {length} tokens, more than LMConfig.max_seq_len {config.lm.max_seq_len}")
 
 
+def check_lengths(records, tokenizer, config, where):
+    """Every record's sequence (the chat template, its images' visual tokens, the answer) within the LM's
+    positions, checked before training: the first that is not is a one-line error."""
+    per_image = tokens_per_image(config, config.geo.image_size, config.geo.image_size)
+    for record in records:
+        images = len(record.get("image_files") or record["image"])
+        ids, _ = chat_tokens(tokenizer, prompt(record), images, per_image, record["answer"], f"record {record['id']!r}")
+        if len(ids) > config.lm.max_seq_len:
+            raise ValueError(f"{where}: record {record['id']!r} needs {len(ids)} tokens ({images} images x {per_image}), "
+                             f"more than the LM's {config.lm.max_seq_len} positions (LMConfig.max_seq_len)")
+
+
 def collate(items, tokenizer, config):
     """data.QADataset items -> a training batch, right-padded (see the file's docstring). Use as
     DataLoader(collate_fn=functools.partial(collate, tokenizer=tokenizer, config=config))."""
@@ -621,7 +633,8 @@ def lm_config_from_hf(hf, path):
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if key not in hf:
             raise ValueError(f"vlm.py: {path}: field '{key}' is missing")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"  # transformers 5, 4
+    rope = hf.get(rope_field) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     unsupported = {"model_type": hf.get("model_type", "llama") != "llama", "hidden_act": hf.get("hidden_act", "silu") != "silu",
                    "rope_type": rope_type != "default", "attention_bias": bool(hf.get("attention_bias")),
@@ -630,8 +643,8 @@ def lm_config_from_hf(hf, path):
                    != hf["hidden_size"] // hf["num_attention_heads"]}
     for key, bad in unsupported.items():
         if bad:
-            value = rope_type if key == "rope_type" else hf.get(key)
-            raise ValueError(f"vlm.py: {path}: field '{key}' = {value!r} is not supported")
+            field, value = (f"{rope_field}.rope_type", rope_type) if key == "rope_type" else (key, hf.get(key))
+            raise ValueError(f"vlm.py: {path}: field '{field}' = {value!r} is not supported")
     return LMConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                     n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
                     hidden_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
@@ -674,7 +687,8 @@ def load_llama(model_dir):
             old = state[name]
             state[name] = torch.cat([old, old.mean(0, keepdim=True).expand(rows - len(old), -1)])
     lm = LM(replace(config, vocab_size=rows))
-    return load_weights(lm, os.path.join(model_dir, "model.safetensors"), state), tokenizer
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    return load_weights(lm, index if os.path.exists(index) else os.path.join(model_dir, "model.safetensors"), state), tokenizer
 
 
 # ----------------------------------------------------------------------------- size and cost

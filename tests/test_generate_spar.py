@@ -641,6 +641,46 @@ def test_scannet_export_numeric_frames_lost_tracking_and_depth_intrinsics(tmp_pa
     assert all(m["object"] != 0 for r in records for m in r.get("markers", []))
 
 
+def test_scan_frames_matched_by_number_incomplete_ones_skipped_bad_files_named(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    scene = g.sample_scene(rng, "scan0")
+    K, poses = g.sample_cameras(rng, scene, 5, 0, 32)
+    out = tmp_path / "scans" / "scan0"
+    write_scan(scene, K, poses, 32, out)
+    os.rename(out / "image_color" / "001.png", out / "image_color" / "frame-000001.color.png")  # other namings
+    os.rename(out / "pose" / "002.txt", out / "pose" / "2.txt")
+    (out / "image_depth" / "003.png").unlink()  # an incomplete frame: skipped and counted
+    (out / "image_color" / "notes.txt").write_text("not a frame")
+    loaded = g.load_scan(str(out), 32)
+    assert np.allclose(loaded[5], poses[[0, 1, 2, 4]])
+    assert "skipped 1 of 5 frames: 1 without their colour, depth or pose file" in capsys.readouterr().out
+    np.savetxt(out / "pose" / "000.txt", np.eye(4)[:3])  # a broken file is an error, not lost tracking
+    with pytest.raises(ValueError, match=r"pose/000.txt: pose must be a 4x4 matrix"):
+        g.load_scan(str(out), 32)
+    np.savetxt(out / "pose" / "000.txt", poses[0])
+    np.savetxt(out / "intrinsic" / "intrinsic_depth.txt", K[0] * [[2], [2], [1]])  # of a 64 x 64 depth image
+    with pytest.raises(ValueError, match="intrinsic_depth.txt: principal point .* far from the centre of the 32x32"):
+        g.load_scan(str(out), 32)
+    (out / "intrinsic" / "intrinsic_depth.txt").unlink()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "generate_spar.py"), f"--from_scans={tmp_path / 'scans'}",
+                             f"--out={tmp_path / 'data'}", "--scan_frames=1"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "--scan_frames=1: a scan's video takes 2..32 frames" in result.stderr
+    (out / "boxes.json").write_text("{")  # a failed run leaves --out as it found it: a rerun is not refused
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "generate_spar.py"), f"--from_scans={tmp_path / 'scans'}",
+                             f"--out={tmp_path / 'data'}"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "boxes.json: cannot read boxes" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("label, category", [
+    ("office chair", "chair"), ("dining chair", "chair"), ("chairs", "chair"), ("kitchen table", "table"),
+    ("bunk bed", "bed"), ("refridgerator", "fridge"), ("kitchen cabinets", "cabinet"), ("sofa chair", "armchair"),
+    ("nightstands", "nightstand"), ("floor lamp", "lamp"), ("tv stand", "other"), ("picture frame", "other"),
+    ("toilet", "other"), ("shower curtain", "other")])
+def test_scannet_labels_map_to_our_categories(label, category):
+    assert g.scannet_category(label, g.CATEGORY_NAMES) == category
+
+
 def test_scan_errors_name_the_file_and_field(tmp_path):
     rng = np.random.default_rng(4)
     scene = g.sample_scene(rng, "scan0")

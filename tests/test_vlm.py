@@ -460,8 +460,8 @@ def test_load_llama_refuses_what_it_does_not_implement(tmp_path):
     for rope in ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},  # transformers 4
                  {"rope_parameters": {"rope_theta": 5e5, "rope_type": "linear", "factor": 2.0}}):  # transformers 5
         (tmp_path / "config.json").write_text(json.dumps({**hf, **rope}))
-        kind = next(iter(rope.values()))["rope_type"]
-        with pytest.raises(ValueError, match=f"config.json: field 'rope_type' = '{kind}' is not supported"):
+        field, kind = next(iter(rope)), next(iter(rope.values()))["rope_type"]
+        with pytest.raises(ValueError, match=f"config.json: field '{field}.rope_type' = '{kind}' is not supported"):
             load_llama(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(hf))
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": "gone.safetensors"}}))
