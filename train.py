@@ -21,6 +21,7 @@ validation rank 0 also measures the stage against its trivial baseline on held-o
 import errno
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -1137,8 +1138,14 @@ def main(argv):
         for cfg, models in configs:
             train_stage(cfg, models, rank, world, device)
     except ValueError as error:  # bad input: one line naming the file and the field, no traceback
-        raise SystemExit(f"train.py{f' [rank {rank}]' if world > 1 else ''}: {error}") from None
+        message = str(error).strip().splitlines()[-1].removeprefix("ValueError: ")  # a worker's comes with its traceback
+        raise SystemExit(f"train.py{f' [rank {rank}]' if world > 1 else ''}: {message}") from None
     finally:
+        workers = multiprocessing.active_children()  # DataLoader workers ignore SIGTERM (ignore_sigterm): after a
+        if workers:                                   # crash, the exit's terminate-and-join would wait forever
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the DataLoader's handler would report them as failures
+            for worker in workers:
+                worker.kill()
         signal.signal(signal.SIGTERM, previous_handler)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -250,6 +250,21 @@ def test_sigterm_to_the_process_group_with_workers_saves(data_dir, tmp_path):
     train.load_geo(out)
 
 
+def test_a_bad_record_met_by_a_worker_is_one_line_and_the_run_ends(data_dir, tmp_path):
+    """A record whose scene file is gone, met by a DataLoader worker mid-training: one line naming it, and the
+    process exits (the workers ignore SIGTERM, so the exit's terminate-and-join once waited forever)."""
+    broken = copy(data_dir, tmp_path)
+    first_scene = json.loads(open(os.path.join(broken, "qa_train.jsonl")).readline())["scene"]
+    os.remove(os.path.join(broken, "scenes", first_scene + ".safetensors"))
+    args = [sys.executable, "train.py", "--stage=vlm", "--spa3r=none", "--init_geo=none", f"--data={broken}",
+            f"--out={tmp_path / 'v'}", "--device=cpu", "--steps=50", "--batch_size=4", "--workers=2", "--eval_every=0"]
+    result = subprocess.run(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=120, start_new_session=True)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert last.startswith("train.py: ") and f"{first_scene}.safetensors: scene file not found" in last
+
+
 STOPPED_AFTER_SECOND_SAVE = """
 import os, sys
 import train
