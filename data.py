@@ -10,9 +10,10 @@ data.py -- reading what generate_spar.py wrote, for training and evaluation.
     OUT/<stage>/config.json + model.safetensors   a checkpoint (train.py writes it)
 
 Every reader of the project lives here, and every error names the file and the field: JSON and JSONL, QA
-records, scenes and the scene store that serves frames as tensors; the datasets -- SceneViewsDataset for stages
-geo / psfm (views, cameras, depth, semantics, PSFM's view mask) and QADataset for stage vlm (images, question,
-answer); the oracle arm's true 3D tokens; checkpoints; the tokenizer.
+records (ours, and SPAR-7M's conversations lines with their image files and markers), scenes and the scene store
+that serves frames as tensors (or a record's image files); the datasets -- SceneViewsDataset for stages geo / psfm
+(views, cameras, depth, semantics, PSFM's view mask) and QADataset for stage vlm (images, prompt, answer); the
+oracle arm's true 3D tokens; checkpoints; the tokenizer. eval.py adds the benchmarks' own question files.
 """
 
 import json

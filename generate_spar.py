@@ -10,9 +10,11 @@ the command-line parser every script uses.
     train.py --stage=geo | psfm | vlm  (reads DATA through data.py);  eval.py  (scores qa_val.jsonl)
 
 Read top to bottom: 1. objects and tasks, 2. cameras, 3. procedural scenes, 4. camera trajectories, 5. the
-renderer, 6. visibility and markers, 7. the QA engine, 8. real scans, 9. files, tokenizer and command line.
+renderer, 6. visibility and markers, 7. the QA engine (in the benchmarks' own wording), 8. real scans (and
+ScanNet's annotations to boxes), 9. files, tokenizer, SPAR-7M export and command line.
 
-    python generate_spar.py --out=data/spar --scenes=64 --val_scenes=8 --seed=0 --workers=2 [--preview=2]
+    python generate_spar.py --out=data/spar --scenes=64 --val_scenes=8 --seed=0 --workers=2 [--preview=2] [--spar7m]
+    python generate_spar.py --scannet_boxes=SCANS --from_scans=DIR  # ScanNet annotations -> DIR/<scene>/boxes.json
     python generate_spar.py --from_scans=DIR --out=data/real   # real RGBD scans instead of procedural rooms
     python generate_spar.py --bench                            # renderer frames/s per core at 224x224
     python generate_spar.py --help                             # every option with its default and meaning
