@@ -394,9 +394,7 @@ def build_vlm(cfg, models):
         lm_config = replace(lm_config, vocab_size=64 * math.ceil(tokenizer.get_vocab_size() / 64))
     config = replace(models["vlm"], lm=lm_config, geo=geo_config, psfm=psfm_config, spa3r=cfg.spa3r)
     torch.manual_seed(cfg.seed)
-    model = vlm.SpaVLM(config, tokenizer)
-    if cfg.init_lm:
-        model.lm.load_state_dict(pretrained_lm.state_dict())
+    model = vlm.SpaVLM(config, tokenizer, pretrained_lm if cfg.init_lm else None)
     if start is not None:
         model.init_from_psfm({("backbone." if cfg.spa3r != "psfm" else "") + k: v for k, v in start.state_dict().items()})
     train_set, val_set = (data.QADataset(cfg.data, split, geo_config.image_size, oracle=cfg.spa3r == "oracle",

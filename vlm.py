@@ -480,14 +480,15 @@ class VLMConfig:
 
 
 class SpaVLM(nn.Module):
-    def __init__(self, config, tokenizer):
+    def __init__(self, config, tokenizer, lm=None):
+        """lm: a pretrained LM of config.lm (load_llama) instead of a freshly initialised one."""
         super().__init__()
         c = config
         self.config, self.tokenizer = c, tokenizer
         self.special = special_ids(tokenizer)
         if tokenizer.get_vocab_size() > c.lm.vocab_size:
             raise ValueError(f"vlm.py: tokenizer has {tokenizer.get_vocab_size()} tokens, LMConfig.vocab_size is {c.lm.vocab_size}")
-        self.lm = LM(c.lm)
+        self.lm = lm if lm is not None else LM(c.lm)
         self.vision = ViT(c.geo).requires_grad_(not c.freeze_vision)
         self.vision.apply(init_weights)
         self.projector = VisionProjector(c.geo.dim, c.pixel_shuffle, c.lm.dim)
