@@ -586,7 +586,7 @@ class EvalConfig:
     data: str = ""              # the questions: a folder of generate_spar.py, or a benchmark file (README lists them)
     split: str = "val"          # a folder's questions: qa_{split}.jsonl, val | train
     image_root: str = ""        # relative image file names in a benchmark file start here (default: its folder)
-    tasks: str = ""             # score these tasks only (comma-separated; empty: all)
+    tasks: str = ""             # score these tasks only (comma-separated; empty: all; or object_rel_direction_hard, ...)
     predictions: str = ""       # score this file of {"id", "prediction"} lines ...
     ckpt: str = ""              # ... or run the Spa3-VLM checkpoint in this directory
     batch_size: int = 16        # questions per model.answer call
@@ -638,11 +638,12 @@ def run(cfg, model=None, load_frames=None):
         folder = os.path.isdir(cfg.data)
         raise ValueError(f"{os.path.join(cfg.data, f'qa_{cfg.split}.jsonl') if folder else cfg.data or cfg.predictions}: "
                          f"no questions to score")
-    if cfg.tasks:
-        unknown = [t for t in cfg.tasks.split(",") if t not in TASK_LEVEL]
+    if cfg.tasks:  # a task, or one of VSI-Bench's relative-direction difficulties (object_rel_direction_hard)
+        wanted = cfg.tasks.split(",")
+        unknown = [t for t in wanted if t not in TASK_LEVEL and not re.fullmatch("object_rel_direction_(easy|medium|hard)", t)]
         if unknown:  # a misspelt task would be left out silently
             raise ValueError(f"--tasks: unknown task {unknown[0]!r} (known: {', '.join(TASK_LEVEL)})")
-        records = [r for r in records if r["task"] in cfg.tasks.split(",")]
+        records = [r for r in records if r["task"] in wanted or f"{r['task']}_{r.get('difficulty')}" in wanted]
         if not records:
             raise ValueError(f"{cfg.data}: no {cfg.split} questions of the tasks {cfg.tasks}")
     if cfg.predictions:

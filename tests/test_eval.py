@@ -478,6 +478,8 @@ def test_vsi_bench_rows(tmp_path, as_json):
     assert result["model"]["tasks"] == pytest.approx({"object_rel_distance": 100, "room_size_estimation": 80,
                                                       "object_counting": 100, "object_rel_direction": 50})
     assert result["model"]["overall"] == pytest.approx((100 + 80 + 100 + 50) / 4)
+    hard = ev.run(ev.EvalConfig(data=str(path), predictions=preds, tasks="object_rel_direction_hard"))
+    assert hard["n_questions"] == 1 and hard["model"]["tasks"] == {"object_rel_direction": 100}
     counting = ev.load_questions(str(path))[2]
     assert counting["answer"] == "4" and counting["format_type"] == "fill" and counting["id"] == "0"
 
