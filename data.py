@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from generate_spar import (CATEGORY_NAMES, MARKER_RGB, SEMANTIC_CLASSES, SHELL_IDS, SPECIAL_TOKENS, draw_markers, prompt,
-                           read_image)
+from generate_spar import (CATEGORY_NAMES, MARKER_RGB, SEMANTIC_CLASSES, SHELL_IDS, SPECIAL_TOKENS, draw_markers,
+                           prompt, read_image)
 from psfm import sample_context
 
 # -----------------------------------------------------------------------------
@@ -121,8 +121,8 @@ def spar7m_markers(row, where):
             if kind == "point":
                 markers.append({"image": slot, "color": color, "point": value})
             else:
-                markers.append({"image": slot, "color": color, "box": value,
-                                "point": [(value[0] + value[2]) / 2, (value[1] + value[3]) / 2] if is_numbers(value, 4) else None})
+                centre = [(value[0] + value[2]) / 2, (value[1] + value[3]) / 2] if is_numbers(value, 4) else None
+                markers.append({"image": slot, "color": color, "box": value, "point": centre})
     return markers
 
 

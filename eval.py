@@ -115,8 +115,9 @@ def mra(pred, truth):
 # Its evaluator reads five signed axes, each direction minus its opposite; a component not named is 0.
 VIEW_AXES = [("move_right", "move_left"), ("move_up", "move_down"), ("move_forward", "move_backward"),
              ("rotate_right", "rotate_left"), ("rotate_up", "rotate_down")]
+# A named component anywhere, in any case: "move_left:0.5", "Move_Left: 0.5 m", "move_left is 0.5"
 COMPONENT = re.compile(r"\b(move_(?:right|left|up|down|forward|backward)|rotate_(?:right|left|up|down))\b"
-                       r"\s*(?:[:=]|is)?\s*(" + NUMBER.pattern + ")", re.IGNORECASE)  # "Move_Left: 0.5 m", "move_left is 0.5"
+                       r"\s*(?:[:=]|is)?\s*(" + NUMBER.pattern + ")", re.IGNORECASE)
 # SPAR-Bench's evaluator reads the last number of these tasks' answers (the first may be an image's number)
 LAST_NUMBER_TASKS = {"depth_prediction_oc_mv", "depth_prediction_oo_mv", "distance_prediction_oc_mv",
                      "distance_prediction_oo_mv"}
@@ -324,7 +325,8 @@ def from_sparbench(row, where, image_root=""):
     task = row.get("task")
     if task not in SPAR_TASKS:
         raise ValueError(f"{where}: field 'task': unknown SPAR-Bench task {task!r}")
-    select = row.get("format_type", "select" if TASK_LEVEL[task] == "high" or task in GRID_TASKS else "fill") == "select"
+    by_task = "select" if TASK_LEVEL[task] == "high" or task in GRID_TASKS else "fill"
+    select = row.get("format_type", by_task) == "select"
     question, answer = str(row.get("question", "")), str(row.get("answer", "")).strip()
     if select:
         answer, prompt = answer.upper(), f"{question}\n{GRID_NOTE if task in GRID_TASKS else ''}\n{SELECT_LETTER}"
@@ -429,7 +431,8 @@ def read_predictions(path, questions):
     line, or a logged question that is not --data's, is a one-line ValueError naming the file, line and field."""
     by_id, predictions, first, skipped = {q["id"]: q for q in questions}, {}, {}, 0
     for where, row in read_rows(path):
-        pid, prediction = (logged_prediction if row_layout(row) == "lmms-eval" else our_prediction)(row, where, questions)
+        read = logged_prediction if row_layout(row) == "lmms-eval" else our_prediction
+        pid, prediction = read(row, where, questions)
         if pid in first:
             raise ValueError(f"{where}: field 'id': duplicate id {pid!r} (first at {first[pid]})")
         first[pid] = where
@@ -458,7 +461,8 @@ def logged_prediction(row, where, questions):
     else:
         index = row.get("doc_id")
         if not (data.is_int(index) and 0 <= index < len(questions)):
-            raise ValueError(f"{where}: field 'doc_id': {index!r} is not a position among the {len(questions)} questions")
+            raise ValueError(f"{where}: field 'doc_id': {index!r} is not a position among the {len(questions)} "
+                             f"questions")
         pid, task, truth = questions[index]["id"], None, row.get("target")
     question = next((q for q in questions if q["id"] == pid), None)
     if question is not None and (task not in (None, question["task"])
@@ -586,7 +590,7 @@ class EvalConfig:
     data: str = ""              # the questions: a folder of generate_spar.py, or a benchmark file (README lists them)
     split: str = "val"          # a folder's questions: qa_{split}.jsonl, val | train
     image_root: str = ""        # relative image file names in a benchmark file start here (default: its folder)
-    tasks: str = ""             # score these tasks only (comma-separated; empty: all; or object_rel_direction_hard, ...)
+    tasks: str = ""             # score these tasks only (comma-separated; empty: all; object_rel_direction_hard ...)
     predictions: str = ""       # score this file of {"id", "prediction"} lines ...
     ckpt: str = ""              # ... or run the Spa3-VLM checkpoint in this directory
     batch_size: int = 16        # questions per model.answer call
@@ -636,11 +640,12 @@ def run(cfg, model=None, load_frames=None):
     records = questions
     if not records:  # else the report would be `overall: 0.00`, as if every answer were wrong
         folder = os.path.isdir(cfg.data)
-        raise ValueError(f"{os.path.join(cfg.data, f'qa_{cfg.split}.jsonl') if folder else cfg.data or cfg.predictions}: "
-                         f"no questions to score")
+        source = os.path.join(cfg.data, f"qa_{cfg.split}.jsonl") if folder else cfg.data or cfg.predictions
+        raise ValueError(f"{source}: no questions to score")
     if cfg.tasks:  # a task, or one of VSI-Bench's relative-direction difficulties (object_rel_direction_hard)
         wanted = cfg.tasks.split(",")
-        unknown = [t for t in wanted if t not in TASK_LEVEL and not re.fullmatch("object_rel_direction_(easy|medium|hard)", t)]
+        difficulty = re.compile("object_rel_direction_(easy|medium|hard)")
+        unknown = [t for t in wanted if t not in TASK_LEVEL and not difficulty.fullmatch(t)]
         if unknown:  # a misspelt task would be left out silently
             raise ValueError(f"--tasks: unknown task {unknown[0]!r} (known: {', '.join(TASK_LEVEL)})")
         records = [r for r in records if r["task"] in wanted or f"{r['task']}_{r.get('difficulty')}" in wanted]

@@ -1426,7 +1426,8 @@ PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": 
 # ScanNet's raw labels are free text; these frequent ones name one of our categories differently.
 SCANNET_TO_CATEGORY = {
     "office chair": "chair", "folded chair": "chair", "sofa chair": "armchair", "couch": "sofa",
-    "refridgerator": "fridge", "coffee table": "table", "end table": "table", "dining table": "table", "side table": "table",
+    "refridgerator": "fridge", "coffee table": "table", "end table": "table", "dining table": "table",
+    "side table": "table",
     "round table": "table", "kitchen cabinet": "cabinet", "kitchen cabinets": "cabinet", "cabinets": "cabinet",
     "file cabinet": "cabinet", "bathroom cabinet": "cabinet", "refrigerator": "fridge", "mini fridge": "fridge",
     "trashcan": "trash can", "trash bin": "trash can", "recycling bin": "trash can", "garbage bin": "trash can",
@@ -1628,7 +1629,8 @@ def usable_frames(scene_dir, video, colors, depths, pose_files):
     usable = {f: pose for f, pose in poses.items() if pose is not None}
     if len(usable) < len(video):
         print(f"{scene_dir}: skipped {len(video) - len(usable)} of {len(video)} frames: {len(video) - len(complete)} "
-              f"without their colour, depth or pose file, {len(complete) - len(usable)} with a pose not finite or rigid")
+              f"without their colour, depth or pose file, {len(complete) - len(usable)} with a pose not finite or "
+              f"rigid")
     if len(usable) < 2:
         raise ValueError(f"{scene_dir}: {len(usable)} usable frame(s); a scene needs at least 2")
     return usable
@@ -1653,8 +1655,10 @@ def load_scan(scene_dir, res, frames=32):
         K_path = shared_K if os.path.exists(shared_K) else \
             os.path.join(scene_dir, "intrinsic", os.path.basename(pose_files[frame]))  # one per frame
         K = check_intrinsics(read_matrix(K_path, "intrinsic", (3, 3)), color, K_path)
-        K_depth = check_intrinsics(read_matrix(depth_K, "intrinsic", (3, 3)), depth_mm, depth_K) if os.path.exists(depth_K) \
-            else np.diag([depth_mm.shape[1] / color.shape[1], depth_mm.shape[0] / color.shape[0], 1.0]) @ K
+        if os.path.exists(depth_K):
+            K_depth = check_intrinsics(read_matrix(depth_K, "intrinsic", (3, 3)), depth_mm, depth_K)
+        else:  # the depth camera is the colour camera at the depth image's size
+            K_depth = np.diag([depth_mm.shape[1] / color.shape[1], depth_mm.shape[0] / color.shape[0], 1.0]) @ K
         K_res = np.diag([res / color.shape[1], res / color.shape[0], 1.0]) @ K
         rgbs.append(np.clip(np.round(resize_area(color, res, res)), 0, 255).astype(np.uint8))
         depth_maps.append(depth_on_color_grid(depth_mm, K_depth, K_res, res))
@@ -1740,7 +1744,7 @@ class GenConfig:
     from_scans: str = ""          # a directory of scanned scenes (SPAR RGBD layout) instead of procedural rooms
     val_fraction: float = 0.2     # with --from_scans: share of scanned scenes held out
     scan_frames: int = 32         # with --from_scans: frames per scene, evenly spaced along its video
-    scannet_boxes: str = ""       # a ScanNet scans/ folder: write each --from_scans scene's boxes.json from it, then stop
+    scannet_boxes: str = ""       # a ScanNet scans/ folder: write each --from_scans scene's boxes.json, then stop
     bench: bool = False           # print renderer frames/s per core and exit
 
 
@@ -1781,7 +1785,8 @@ def generate(config):
         raise SystemExit(f"--views={config.views} with --random_views={config.random_views}: the walk needs 1..32 frames")
     if os.path.isdir(config.out) and os.listdir(config.out):  # an earlier set's scenes would mix with this one's
         raise SystemExit(f"--out={config.out} is not empty: generate into a new or empty folder")
-    if config.from_scans and os.path.abspath(config.out).startswith(os.path.join(os.path.abspath(config.from_scans), "")):
+    inside = os.path.abspath(config.out).startswith(os.path.join(os.path.abspath(config.from_scans), ""))
+    if config.from_scans and inside:
         raise SystemExit(f"--out={config.out} is inside --from_scans: it would be read as a scene")
     if config.from_scans and not 2 <= config.scan_frames <= 32:
         raise SystemExit(f"--scan_frames={config.scan_frames}: a scan's video takes 2..32 frames")
@@ -1881,7 +1886,8 @@ def write_spar7m(out_dir, records):
             paths = []
             for slot, frame in enumerate(record["image"]):
                 marked = any(m["image"] == slot for m in record.get("markers", []))
-                path = f"{rgb_scene}/marked/{record['id']}_{slot}.png" if marked else f"{rgb_scene}/image_color/{frame}.png"
+                path = (f"{rgb_scene}/marked/{record['id']}_{slot}.png" if marked
+                        else f"{rgb_scene}/image_color/{frame}.png")
                 if path not in written:
                     os.makedirs(os.path.dirname(os.path.join(root, "images", path)), exist_ok=True)
                     write_png(os.path.join(root, "images", path),

@@ -66,7 +66,7 @@ class TrainConfig:
     init_geo: str = ""          # psfm, and vlm with --spa3r=none: the geo checkpoint; empty: out/geo; "none": random
     init_spa3r: str = ""        # vlm: the psfm checkpoint (Spa3R and the vision ViT's start); empty: out/psfm
     spa3r: str = "psfm"         # vlm: psfm = Spa3-VLM; none = the baseline without the spatial branch; oracle = true 3D
-    init_lm: str = ""           # vlm: start the LM (and take its tokenizer) from this local Llama-architecture checkpoint
+    init_lm: str = ""           # vlm: start the LM (and its tokenizer) from this local Llama-architecture checkpoint
     steps: int = 600            # optimizer steps
     batch_size: int = 8         # global batch (samples per optimizer step), the same for any number of processes
     micro_batch: int = 0        # samples per forward pass on each rank; 0 = batch_size / world size (no accumulation)
@@ -1136,7 +1136,7 @@ def main(argv):
         for cfg, models in configs:
             train_stage(cfg, models, rank, world, device)
     except ValueError as error:  # bad input: one line naming the file and the field, no traceback
-        message = str(error).strip().splitlines()[-1].removeprefix("ValueError: ")  # a worker's comes with its traceback
+        message = str(error).strip().splitlines()[-1].removeprefix("ValueError: ")  # a worker's: after its traceback
         raise SystemExit(f"train.py{f' [rank {rank}]' if world > 1 else ''}: {message}") from None
     finally:
         workers = multiprocessing.active_children()  # DataLoader workers ignore SIGTERM (ignore_sigterm): after a

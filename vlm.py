@@ -401,8 +401,9 @@ def check_lengths(records, tokenizer, config, where):
         images = len(record.get("image_files") or record["image"])
         ids, _ = chat_tokens(tokenizer, prompt(record), images, per_image, record["answer"], f"record {record['id']!r}")
         if len(ids) > config.lm.max_seq_len:
-            raise ValueError(f"{where}: record {record['id']!r} needs {len(ids)} tokens ({images} images x {per_image}), "
-                             f"more than the LM's {config.lm.max_seq_len} positions (LMConfig.max_seq_len)")
+            raise ValueError(f"{where}: record {record['id']!r} needs {len(ids)} tokens ({images} images x "
+                             f"{per_image}), more than the LM's {config.lm.max_seq_len} positions "
+                             f"(LMConfig.max_seq_len)")
 
 
 def collate(items, tokenizer, config):
@@ -649,7 +650,8 @@ def lm_config_from_hf(hf, path):
     return LMConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                     n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
                     hidden_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-                    rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                    rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                    norm_eps=hf.get("rms_norm_eps", 1e-6),
                     tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
@@ -689,7 +691,8 @@ def load_llama(model_dir):
             state[name] = torch.cat([old, old.mean(0, keepdim=True).expand(rows - len(old), -1)])
     lm = LM(replace(config, vocab_size=rows))
     index = os.path.join(model_dir, "model.safetensors.index.json")
-    return load_weights(lm, index if os.path.exists(index) else os.path.join(model_dir, "model.safetensors"), state), tokenizer
+    named = index if os.path.exists(index) else os.path.join(model_dir, "model.safetensors")  # in error messages
+    return load_weights(lm, named, state), tokenizer
 
 
 # ----------------------------------------------------------------------------- size and cost
