@@ -12,6 +12,7 @@ Usage:
     python bench.py --stages=vlm --vlm_images=8 --compile
 Every BenchConfig field is a --key=value flag.
 """
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -129,6 +130,36 @@ def measure(name, bench, preset, device):
             "memory": torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None}
 
 
+H100_BF16 = 989e12  # dense bf16 FLOP/s of an H100 SXM (train.PEAK_BF16_FLOPS)
+
+
+def needed_samples_per_s(train_flops_per_sample, peak=H100_BF16, mfu=0.40):
+    """Samples/s a training step at `mfu` of a `peak` FLOP/s GPU consumes: what its data loader must deliver."""
+    return peak * mfu / train_flops_per_sample
+
+
+def loader(preset, samples=24):
+    """Stage psfm's data path at the preset (views, resolution) on a small generated data set: samples/s of one
+    process (one DataLoader worker), and needed_samples_per_s of its training step (the frozen backbone's forward
+    plus 3x Spa3R's forward, as train.stage_functions counts it)."""
+    import tempfile
+    import data
+    cfg, models = train.stage_config([], "psfm", preset, False)
+    geo, V = models["geo"], cfg.num_views
+    with tempfile.TemporaryDirectory() as folder:
+        generate_spar.generate(generate_spar.GenConfig(out=folder, scenes=3, val_scenes=1, views=max(12, 2 * V),
+                                                       random_views=4, res=geo.image_size, qa_per_task=1, vocab_size=0))
+        dataset = data.SceneViewsDataset(folder, "train", V, geo.image_size, samples_per_scene=samples,
+                                         view_sampling=cfg.view_sampling, mask_ratio=models["psfm"].mask_ratio)
+        dataset[0]  # the scenes' cameras are read once per worker: not what a step waits for
+        start = time.time()
+        for i in range(samples):
+            dataset[i]
+        per_s = samples / (time.time() - start)
+    train_flops = geo_flops_per_sample(geo, V) + 3 * psfm_flops_per_sample(models["psfm"], geo, V)
+    return {"views": V, "res": geo.image_size, "per_s": per_s, "needed": needed_samples_per_s(train_flops)}
+
+
 def mfu_text(flops_per_s, device, bf16):
     """MFU against train.peak_flops, which lists bf16 peaks only; else why there is none."""
     if device.type != "cuda":
@@ -179,6 +210,10 @@ def main(argv):
         print("| " + " | ".join(row(r, bench, device) + [memory]) + " |", flush=True)
         if cuda:
             torch.cuda.empty_cache()
+    feed = loader(preset)
+    print(f"\ndata loader, stage psfm ({feed['views']} views at {feed['res']} px, one process): {feed['per_s']:.0f} "
+          f"samples/s; one H100 at 40 % MFU trains {feed['needed']:.0f} samples/s of it: "
+          f"{math.ceil(feed['needed'] / feed['per_s'])} such workers keep it fed")
 
 
 if __name__ == "__main__":

@@ -246,9 +246,7 @@ def load_scene(path):
 
     base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
     tensor_path, meta_path = base + ".safetensors", base + ".json"
-    for p in (tensor_path, meta_path):
-        if not os.path.exists(p):
-            raise ValueError(f"{p}: scene file not found")
+    require_scene_files(base)
     try:
         arrays = load_file(tensor_path)
     except (SafetensorError, OSError, ValueError) as error:
@@ -261,7 +259,8 @@ def load_scene(path):
     return scene
 
 
-def check_scene(arrays, meta, tensor_path, meta_path):
+def check_scene(arrays, meta, tensor_path, meta_path, total_views=None):
+    """A scene's tensors (all its views, or total_views of which these are some) and its json, every field checked."""
     expected = {"rgb": (np.uint8, 4), "depth": (np.float16, 3), "instance": (np.int16, 3), "K": (np.float32, 3),
                 "pose": (np.float32, 3)}
     for key, (dtype, ndim) in expected.items():
@@ -295,9 +294,44 @@ def check_scene(arrays, meta, tensor_path, meta_path):
     if low < min(SHELL_IDS.values()) - 1 or high >= len(meta["objects"]):
         raise ValueError(f"{tensor_path}: tensor 'instance' holds ids {low}..{high}; allowed are "
                          f"{min(SHELL_IDS.values()) - 1}..-1 (room, unknown) and 0..{len(meta['objects']) - 1} (objects)")
-    frames = meta.get("video_frames")
+    frames, views = meta.get("video_frames"), total_views or views
     if not (is_int(frames) and 1 <= frames <= views):
         raise ValueError(f"{meta_path}: field 'video_frames' must be an integer in 1..{views}, got {frames!r}")
+
+
+def scene_cameras(path):
+    """A scene file's json and every view's pose (V, 4, 4), without reading its images: what choosing views needs."""
+    from safetensors import safe_open
+    base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
+    require_scene_files(base)
+    meta = read_json(base + ".json")
+    with safe_open(base + ".safetensors", "np") as f:
+        pose = f.get_slice("pose")[:] if "pose" in f.keys() else None
+    if pose is None or pose.ndim != 3 or pose.shape[1:] != (4, 4) or not np.all(np.isfinite(pose)):
+        raise ValueError(f"{base}.safetensors: tensor 'pose' must be finite (V, 4, 4)")
+    return meta, pose
+
+
+def read_views(path, views, meta):
+    """Some views of a scene file: rgb, depth (float32), instance, K and pose of those views alone, read through
+    safetensors' slices, so the other views' bytes are never read; checked as load_scene checks a whole scene."""
+    from safetensors import safe_open
+    base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
+    with safe_open(base + ".safetensors", "np") as f:
+        missing = [key for key in ("rgb", "depth", "instance", "K", "pose") if key not in f.keys()]
+        if missing:
+            raise ValueError(f"{base}.safetensors: tensor '{missing[0]}' is missing")
+        total = f.get_slice("rgb").get_shape()[0]
+        arrays = {key: np.concatenate([f.get_slice(key)[int(v):int(v) + 1] for v in views])
+                  for key in ("rgb", "depth", "instance", "K", "pose")}
+    check_scene(arrays, meta, base + ".safetensors", base + ".json", total_views=total)
+    return {**arrays, "depth": arrays["depth"].astype(np.float32), "meta": meta}
+
+
+def require_scene_files(base):
+    for p in (base + ".safetensors", base + ".json"):
+        if not os.path.exists(p):
+            raise ValueError(f"{p}: scene file not found")
 
 
 def check_split(meta, path):
@@ -429,7 +463,7 @@ class SceneViewsDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_dir, split="train", num_views=4, res=None, seed=0, samples_per_scene=1,
                  view_sampling="random", mask_ratio=None):
-        self.store = SceneStore(data_dir)
+        self.scene_dir, self.cameras = os.path.join(data_dir, "scenes"), {}  # scene id -> (its json, every pose)
         self.ids = scene_ids(data_dir, split)
         if not self.ids:
             raise ValueError(f"{data_dir}: no scenes in split '{split}'")
@@ -439,31 +473,37 @@ class SceneViewsDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def scene_cameras(self, scene_id):
+        """A scene's json and poses, kept: they are small, and choosing views needs every pose."""
+        if scene_id not in self.cameras:
+            self.cameras[scene_id] = scene_cameras(os.path.join(self.scene_dir, scene_id))
+        return self.cameras[scene_id]
+
     def __len__(self):
         return len(self.ids) * self.samples_per_scene
 
     def __getitem__(self, index):
         scene_id = self.ids[index % len(self.ids)]
-        scene = self.store.scene(scene_id)
-        total = len(scene["rgb"])
+        meta, pose = self.scene_cameras(scene_id)
+        total = len(pose)
         if total < self.num_views:
             raise ValueError(f"{scene_id}: has {total} views, {self.num_views} requested")
         generator = torch.Generator().manual_seed(hash_seed(self.seed, self.epoch, index))
         views = torch.randperm(total, generator=generator)[:self.num_views].numpy()
         if self.view_sampling == "near":  # view 0, then views among its 2 (V - 1) nearest: views that overlap
-            pose = scene["pose"]
             gap = np.linalg.norm(pose[:, :3, 3] - pose[views[0], :3, 3], axis=1)  # metres between the cameras
             gap += np.arccos(np.clip(pose[:, :3, 2] @ pose[views[0], :3, 2], -1, 1))  # + radians between their axes
             nearest = np.argsort(gap, kind="stable")[1:2 * self.num_views - 1]
             pick = torch.randperm(len(nearest), generator=generator)[:self.num_views - 1].numpy()
             views = np.concatenate([views[:1], nearest[pick]])
-        images = torch.from_numpy(scene["rgb"][views]).permute(0, 3, 1, 2).float() / 255  # (V, 3, H, W)
-        depth = torch.from_numpy(scene["depth"][views])  # (V, H, W)
-        semantic = torch.from_numpy(semantic_map(scene["instance"][views], scene["meta"]["objects"]))
-        K = torch.from_numpy(scene["K"][views].copy())
+        scene = read_views(os.path.join(self.scene_dir, scene_id), views, meta)  # only these views are read
+        images = torch.from_numpy(scene["rgb"]).permute(0, 3, 1, 2).float() / 255  # (V, 3, H, W)
+        depth = torch.from_numpy(scene["depth"])  # (V, H, W)
+        semantic = torch.from_numpy(semantic_map(scene["instance"], meta["objects"]))
+        K = torch.from_numpy(scene["K"].copy())
         if self.res is not None:
             images, depth, semantic, K = resize_views(images, depth, semantic, K, self.res)
-        item = {"images": images, "depth": depth, "K": K, "pose": torch.from_numpy(scene["pose"][views].copy()),
+        item = {"images": images, "depth": depth, "K": K, "pose": torch.from_numpy(scene["pose"].copy()),
                 "semantic": semantic, "scene": scene_id, "views": torch.from_numpy(views)}
         if self.mask_ratio is not None:
             item["context"] = sample_context(1, self.num_views, self.mask_ratio, generator)[0]  # (V,)

@@ -66,3 +66,12 @@ def test_bad_flags_are_refused():
         bench.main(["--stages=geo,nerf"])
     with pytest.raises(SystemExit, match="--vlm_images >= 1"):
         bench.main(["--vlm_images=0"])
+
+
+def test_the_loader_is_measured_against_the_step_rate_it_must_feed():
+    """needed = peak x MFU / the training FLOPs of a psfm sample, as a timed psfm step is credited with them."""
+    assert bench.needed_samples_per_s(2e9, peak=1e12, mfu=0.5) == 250
+    feed = bench.loader("tiny", samples=4)
+    step = run("psfm", num_views=feed["views"])  # train.py's own count for a step of these views
+    assert feed["needed"] == pytest.approx(bench.H100_BF16 * 0.40 / step_flops_per_sample(step), rel=1e-9)
+    assert feed["views"] == 4 and feed["res"] == 32 and feed["per_s"] > 0

@@ -203,6 +203,25 @@ def test_qa_dataset_draws_markers_on_the_marked_images(dataset_dir):
         assert marked == (not torch.equal(item["images"][slot], bare["images"][slot]))
 
 
+def test_views_are_read_alone_and_equal_a_whole_scene_read(dataset_dir):
+    """SceneViewsDataset reads a sample's views through safetensors slices: the same tensors as indexing a whole
+    load_scene, with only those views' image bytes in hand."""
+    dataset = data.SceneViewsDataset(str(dataset_dir), "train", num_views=2, view_sampling="near")
+    for i in range(6):
+        item = dataset[i]
+        whole = data.load_scene(os.path.join(dataset.scene_dir, item["scene"]))
+        v = item["views"].numpy()
+        assert torch.equal(item["images"], torch.from_numpy(whole["rgb"][v]).permute(0, 3, 1, 2).float() / 255)
+        assert torch.equal(item["depth"], torch.from_numpy(whole["depth"][v]))
+        assert torch.equal(item["pose"], torch.from_numpy(whole["pose"][v])) and torch.equal(item["K"], torch.from_numpy(whole["K"][v]))
+        semantic = data.semantic_map(whole["instance"][v], whole["meta"]["objects"])
+        assert torch.equal(item["semantic"], torch.from_numpy(semantic))
+    read = data.read_views(os.path.join(dataset.scene_dir, item["scene"]), [1, 3], whole["meta"])
+    images = sum(read[k].nbytes for k in ("rgb", "instance")) + 2 * read["depth"].size  # depth is float16 on disk
+    on_disk = sum(whole[k].nbytes for k in ("rgb", "instance")) + 2 * whole["depth"].size
+    assert images == on_disk * 2 // len(whole["rgb"])
+
+
 def test_spar7m_export_reads_back_as_the_same_training_items(dataset_dir, tmp_path):
     """generate_spar's SPAR-7M layout (PNG frames, markers drawn into copies) read by data.py: the same prompts,
     answers and images, to the bit, as the records and scenes they came from; the lines in SPAR-7M's fields."""
@@ -316,7 +335,7 @@ def test_near_sampling_takes_views_close_to_view_0(dataset_dir):
         dataset.set_epoch(epoch)
         for i in range(len(dataset)):
             views = dataset[i]["views"].tolist()
-            pose = dataset.store.scene(dataset.ids[i])["pose"].astype(np.float64)
+            pose = data.load_scene(os.path.join(dataset.scene_dir, dataset.ids[i]))["pose"].astype(np.float64)
             gaps = []  # camera distance + angle between the optical axes, by a plain loop
             for v in range(len(pose)):
                 cos = float(np.dot(pose[v, :3, 2], pose[views[0], :3, 2]))
