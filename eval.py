@@ -31,8 +31,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from generate_spar import (GRID_NOTE, NUMBER_POST_PROMPT, SELECT_LETTER, SPAR_TASKS, TASKS, VSI_TASKS, parse_args,
-                           write_atomic)
+from generate_spar import (GRID_NOTE, NUMBER_POST_PROMPT, SELECT_LETTER, SPAR_TASKS, TASKS, VSI_TASKS, announce,
+                           parse_args, write_atomic)
 
 BENCHMARKS = {"SPAR-Bench": {}, "VSI-Bench": {}}  # benchmark -> level -> [task], in generate_spar.TASKS's order
 for _task in SPAR_TASKS + VSI_TASKS:
@@ -628,6 +628,8 @@ def run(cfg, model=None, load_frames=None):
         return None
     if bool(cfg.predictions) == bool(cfg.ckpt):
         raise ValueError("give exactly one of --predictions=FILE (score a file) or --ckpt=DIR (run a model)")
+    announce("eval.py", f"score {cfg.predictions}" if cfg.predictions else f"run {cfg.ckpt} on {cfg.data}",
+             cfg.json_out or "stdout")
     if cfg.batch_size < 1 or cfg.res < 0 or cfg.split not in ("val", "train"):
         raise ValueError(f"need --batch_size >= 1, --res >= 0 and --split val or train, got {cfg.batch_size}, "
                          f"{cfg.res} and {cfg.split!r}")

@@ -25,6 +25,7 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import re
 import shutil
 import struct
@@ -1918,6 +1919,15 @@ def bench(res=224, objects=30, frames=50):
           f"CPU second ({1000 * cpu / frames:.2f} ms/frame; wall {frames / elapsed:.1f} frames/s)")
 
 
+def announce(script, doing, output):
+    """Every entry point's first line, before any heavy work: what it will do, where its output goes, and the
+    versions it runs with (torch where the script has loaded it)."""
+    versions = [f"python {platform.python_version()}", f"numpy {np.__version__}"]
+    if "torch" in sys.modules:
+        versions.insert(1, f"torch {sys.modules['torch'].__version__}")
+    print(f"{script}: {doing} | {' | '.join(versions)} | output: {output}", flush=True)
+
+
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -1968,6 +1978,11 @@ if __name__ == "__main__":
         raise SystemExit("--scannet_boxes: give the scenes to write boxes.json into as --from_scans=DIR")
     else:
         start = time.time()
+        source = f"the scans in {config.from_scans}" if config.from_scans else \
+            f"{config.scenes} + {config.val_scenes} procedural scenes"
+        announce("generate_spar.py", f"boxes.json from {config.scannet_boxes}" if config.scannet_boxes else
+                 f"questions from {source}, {config.res} px, {config.workers} worker(s)",
+                 config.from_scans if config.scannet_boxes else config.out)
         try:  # bad input (a scan's file): one line naming it, not a traceback
             write_scannet_boxes(config.scannet_boxes, config.from_scans) if config.scannet_boxes else generate(config)
         except ValueError as error:

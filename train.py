@@ -44,7 +44,7 @@ from tqdm import tqdm
 import data
 import vlm
 from eval import paired_bootstrap
-from generate_spar import TASKS, GenConfig, generate, parse_args
+from generate_spar import TASKS, GenConfig, announce, generate, parse_args
 from model import GeoBackbone, GeoConfig, geo_loss, init_weights, relative_to_view0
 from model import flops_per_sample as geo_flops_per_sample
 from psfm import PSFM, Spa3RConfig, Spa3REncoder, patch_log_depth
@@ -1127,6 +1127,9 @@ def main(argv):
     if first.preset not in ("", "tiny", "reference"):
         raise SystemExit(f"--preset must be 'tiny' or 'reference', got {first.preset!r}")
     rank, world, device = setup_processes(first.device)
+    if rank == 0:
+        announce("train.py", f"stage(s) {first.stage or ', '.join(STAGES)} on {world} x {device.type}",
+                 first.out or "out/")
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         preset = first.preset or ("reference" if device.type == "cuda" else "tiny")

@@ -544,6 +544,13 @@ def test_model_mode_reads_a_benchmark_rows_image_files(tmp_path, monkeypatch):
         ev.run(ev.EvalConfig(data=video, ckpt=str(tmp_path / "ckpt")), model=Sized())
 
 
+def test_scoring_first_says_what_it_scores(tmp_path, capsys):
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"id": i, "prediction": a} for i, a in SPAR_ANSWERS.items()])
+    ev.run(ev.EvalConfig(data=spar_bench_file(tmp_path), predictions=preds))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"eval.py: score {preds} | python ") and first.endswith("output: stdout")
+
+
 def test_json_or_json_lines_by_content_with_bom_and_crlf(tmp_path):
     lines = "\r\n".join(json.dumps(r) for r in VSI_ROWS) + "\r\n"
     for name, text in [("a.json", lines), ("b.jsonl", json.dumps(VSI_ROWS, indent=2)), ("c.JSON", json.dumps(VSI_ROWS)),

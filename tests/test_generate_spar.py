@@ -458,6 +458,22 @@ def test_no_direction_or_turn_label_near_a_class_boundary():
             assert label == (None if near else expected[kind]), (kind, angle, label)
 
 
+def test_every_entry_point_first_says_what_it_will_do_and_with_what(tmp_path):
+    """generate_spar.py, train.py and eval.py: a first line naming the work, the versions and the output."""
+    out = tmp_path / "d"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "generate_spar.py"), f"--out={out}", "--scenes=2",
+                             "--val_scenes=1", "--res=32", "--vocab_size=0"], capture_output=True, text=True, cwd=ROOT)
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("generate_spar.py: questions from 2 + 1 procedural scenes, 32 px, 1 worker(s) | python ")
+    assert f"| numpy {np.__version__} | output: {out}" in first
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage=geo", "--device=cpu",
+                             f"--data={out}", f"--out={tmp_path / 'g'}", "--steps=1", "--preset=tiny",
+                             "--eval_every=0"], capture_output=True, text=True, cwd=ROOT)
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("train.py: stage(s) geo on 1 x cpu | python ") and "| torch " in first, result.stdout
+    assert first.endswith(f"output: {tmp_path / 'g'}")
+
+
 def test_same_seed_same_bytes_for_any_number_of_workers(tmp_path):
     for workers in (1, 2):
         run_generator(tmp_path / f"w{workers}", "--scenes=3", "--val_scenes=1", "--res=48", "--views=6",
