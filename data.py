@@ -241,16 +241,9 @@ def load_qa_jsonl(path):
 def load_scene(path):
     """One scene: numpy arrays rgb, depth (float32), instance, K, pose and `meta` (its json). `path` may end in
     .safetensors or name the scene without extension."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
-    tensor_path, meta_path = base + ".safetensors", base + ".json"
-    require_scene_files(base)
-    try:
-        arrays = load_file(tensor_path)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{tensor_path}: unreadable safetensors file ({error})") from None
+    tensor_path, meta_path = scene_files(path)
+    with open_tensors(tensor_path) as f:
+        arrays = {key: f.get_tensor(key) for key in f.keys()}
     meta = read_json(meta_path)
     check_scene(arrays, meta, tensor_path, meta_path)
     scene = {key: arrays[key] for key in ("rgb", "instance", "K", "pose")}
@@ -299,39 +292,48 @@ def check_scene(arrays, meta, tensor_path, meta_path, total_views=None):
         raise ValueError(f"{meta_path}: field 'video_frames' must be an integer in 1..{views}, got {frames!r}")
 
 
+def scene_files(path):
+    """(tensor file, json file) of a scene named with or without .safetensors; both must exist."""
+    base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
+    for p in (base + ".safetensors", base + ".json"):
+        if not os.path.exists(p):
+            raise ValueError(f"{p}: scene file not found")
+    return base + ".safetensors", base + ".json"
+
+
+def open_tensors(tensor_path):
+    """safetensors' safe_open (numpy), a bad file being one line naming it."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(tensor_path, "np")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{tensor_path}: unreadable safetensors file ({error})") from None
+
+
 def scene_cameras(path):
     """A scene file's json and every view's pose (V, 4, 4), without reading its images: what choosing views needs."""
-    from safetensors import safe_open
-    base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
-    require_scene_files(base)
-    meta = read_json(base + ".json")
-    with safe_open(base + ".safetensors", "np") as f:
+    tensor_path, meta_path = scene_files(path)
+    meta = read_json(meta_path)
+    with open_tensors(tensor_path) as f:
         pose = f.get_slice("pose")[:] if "pose" in f.keys() else None
     if pose is None or pose.ndim != 3 or pose.shape[1:] != (4, 4) or not np.all(np.isfinite(pose)):
-        raise ValueError(f"{base}.safetensors: tensor 'pose' must be finite (V, 4, 4)")
+        raise ValueError(f"{tensor_path}: tensor 'pose' must be finite (V, 4, 4)")
     return meta, pose
 
 
 def read_views(path, views, meta):
     """Some views of a scene file: rgb, depth (float32), instance, K and pose of those views alone, read through
     safetensors' slices, so the other views' bytes are never read; checked as load_scene checks a whole scene."""
-    from safetensors import safe_open
-    base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
-    with safe_open(base + ".safetensors", "np") as f:
+    tensor_path, meta_path = scene_files(path)
+    with open_tensors(tensor_path) as f:
         missing = [key for key in ("rgb", "depth", "instance", "K", "pose") if key not in f.keys()]
         if missing:
-            raise ValueError(f"{base}.safetensors: tensor '{missing[0]}' is missing")
+            raise ValueError(f"{tensor_path}: tensor '{missing[0]}' is missing")
         total = f.get_slice("rgb").get_shape()[0]
         arrays = {key: np.concatenate([f.get_slice(key)[int(v):int(v) + 1] for v in views])
                   for key in ("rgb", "depth", "instance", "K", "pose")}
-    check_scene(arrays, meta, base + ".safetensors", base + ".json", total_views=total)
+    check_scene(arrays, meta, tensor_path, meta_path, total_views=total)
     return {**arrays, "depth": arrays["depth"].astype(np.float32), "meta": meta}
-
-
-def require_scene_files(base):
-    for p in (base + ".safetensors", base + ".json"):
-        if not os.path.exists(p):
-            raise ValueError(f"{p}: scene file not found")
 
 
 def check_split(meta, path):

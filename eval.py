@@ -431,8 +431,10 @@ def read_predictions(path, questions):
     line, or a logged question that is not --data's, is a one-line ValueError naming the file, line and field."""
     by_id, predictions, first, skipped = {q["id"]: q for q in questions}, {}, {}, 0
     for where, row in read_rows(path):
-        read = logged_prediction if row_layout(row) == "lmms-eval" else our_prediction
-        pid, prediction = read(row, where, questions)
+        if row_layout(row) == "lmms-eval":
+            pid, prediction = logged_prediction(row, where, questions, by_id)
+        else:
+            pid, prediction = our_prediction(row, where)
         if pid in first:
             raise ValueError(f"{where}: field 'id': duplicate id {pid!r} (first at {first[pid]})")
         first[pid] = where
@@ -443,7 +445,7 @@ def read_predictions(path, questions):
     return predictions, skipped
 
 
-def our_prediction(row, where, questions):
+def our_prediction(row, where):
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object with fields 'id' and 'prediction'")
     if not isinstance(row.get("prediction"), str):
@@ -451,7 +453,7 @@ def our_prediction(row, where, questions):
     return as_id(row.get("id"), where), row["prediction"]
 
 
-def logged_prediction(row, where, questions):
+def logged_prediction(row, where, questions, by_id):
     """(id, answer) of an lmms-eval line; its logged question (or, without one, the doc_id-th of --data) must
     agree with --data's on the task and the answer, else the two are different releases or orders."""
     answer, doc = logged(row, where)
@@ -464,7 +466,7 @@ def logged_prediction(row, where, questions):
             raise ValueError(f"{where}: field 'doc_id': {index!r} is not a position among the {len(questions)} "
                              f"questions")
         pid, task, truth = questions[index]["id"], None, row.get("target")
-    question = next((q for q in questions if q["id"] == pid), None)
+    question = by_id.get(pid)
     if question is not None and (task not in (None, question["task"])
                                  or truth is not None and str(truth).strip() != question["answer"]):
         raise ValueError(f"{where}: field 'target': the logged question {pid!r} ({task or 'doc_id'}, answer {truth!r}) "

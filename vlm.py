@@ -388,9 +388,10 @@ def stack_images(images, config, names):
     return torch.cat(images).float(), torch.tensor([len(x) for x in images]), n
 
 
-def check_length(length, config, name):
+def check_length(length, config, name, where="vlm.py"):
     if length > config.lm.max_seq_len:
-        raise ValueError(f"vlm.py: record {name!r} needs {length} tokens, more than LMConfig.max_seq_len {config.lm.max_seq_len}")
+        raise ValueError(f"{where}: record {name!r} needs {length} tokens, more than LMConfig.max_seq_len "
+                         f"{config.lm.max_seq_len}")
 
 
 def check_lengths(records, tokenizer, config, where):
@@ -400,10 +401,7 @@ def check_lengths(records, tokenizer, config, where):
     for record in records:
         images = len(record.get("image_files") or record["image"])
         ids, _ = chat_tokens(tokenizer, prompt(record), images, per_image, record["answer"], f"record {record['id']!r}")
-        if len(ids) > config.lm.max_seq_len:
-            raise ValueError(f"{where}: record {record['id']!r} needs {len(ids)} tokens ({images} images x "
-                             f"{per_image}), more than the LM's {config.lm.max_seq_len} positions "
-                             f"(LMConfig.max_seq_len)")
+        check_length(len(ids), config, record["id"], where)
 
 
 def collate(items, tokenizer, config):

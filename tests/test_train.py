@@ -217,7 +217,7 @@ def test_vlm_starts_from_a_local_pretrained_lm(single, data_dir, tmp_path):
     args = ["train.py", "--stage=vlm", "--spa3r=none", f"--init_geo={os.path.join(single, 'geo')}",
             f"--data={data_dir}", "--tasks=room_size_estimation"] + COMMON
     short = run(args + [f"--init_lm={fixture}", f"--out={tmp_path / 'short'}"])
-    assert short.returncode != 0 and "more than the LM's 128 positions" in short.stderr + short.stdout
+    assert short.returncode != 0 and "more than LMConfig.max_seq_len 128" in short.stderr + short.stdout
     assert short.stderr.count("\n") <= 2, short.stderr  # one line, before any DataLoader worker starts
     shaped = run(args + [f"--init_lm={fixture}", "--lm.dim=64", f"--out={tmp_path / 'shaped'}"])
     assert shaped.returncode != 0 and "--lm.*: the LM's shape comes from the --init_lm checkpoint" in shaped.stderr
