@@ -45,6 +45,7 @@ class BenchConfig:
     compile: bool = False       # torch.compile the model, as train.py --compile
     device: str = ""            # cuda | mps | cpu; empty: as train.py picks
     seed: int = 0
+    loader_workers: int = 0     # also time a DataLoader of this many worker processes (0: one process only)
 
 
 def view_batch(B, V, res, num_classes):
@@ -138,10 +139,11 @@ def needed_samples_per_s(train_flops_per_sample, peak=H100_BF16, mfu=0.40):
     return peak * mfu / train_flops_per_sample
 
 
-def loader(preset, samples=24):
+def loader(preset, samples=24, workers=0):
     """Stage psfm's data path at the preset (views, resolution) on a small generated data set: samples/s of one
-    process (one DataLoader worker), and needed_samples_per_s of its training step (the frozen backbone's forward
-    plus 3x Spa3R's forward, as train.stage_functions counts it)."""
+    process and, with `workers`, of a DataLoader of that many worker processes as train.py runs it (batches of
+    16, pinned memory on CUDA); and needed_samples_per_s of its training step (the frozen backbone's forward plus
+    3x Spa3R's forward, as train.stage_functions counts it)."""
     import tempfile
     import data
     cfg, models = train.stage_config([], "psfm", preset, False)
@@ -156,8 +158,23 @@ def loader(preset, samples=24):
         for i in range(samples):
             dataset[i]
         per_s = samples / (time.time() - start)
+        workers_per_s = loader_rate(dataset, workers) if workers else None
     train_flops = geo_flops_per_sample(geo, V) + 3 * psfm_flops_per_sample(models["psfm"], geo, V)
-    return {"views": V, "res": geo.image_size, "per_s": per_s, "needed": needed_samples_per_s(train_flops)}
+    return {"views": V, "res": geo.image_size, "per_s": per_s, "workers": workers, "workers_per_s": workers_per_s,
+            "needed": needed_samples_per_s(train_flops)}
+
+
+def loader_rate(dataset, workers, batch_size=16):
+    """Samples/s a DataLoader of `workers` processes delivers, timed from its first batch (the workers' start and
+    first reads excluded) to its last."""
+    import data
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                               collate_fn=data.collate_views, pin_memory=torch.cuda.is_available()))
+    next(batches)
+    start, count = time.time(), 0
+    for batch in batches:
+        count += len(batch["images"])
+    return count / (time.time() - start)
 
 
 def mfu_text(flops_per_s, device, bf16):
@@ -210,11 +227,14 @@ def main(argv):
         print("| " + " | ".join(row(r, bench, device) + [memory]) + " |", flush=True)
         if cuda:
             torch.cuda.empty_cache()
-    feed = loader(preset)
-    print(f"\ndata loader, stage psfm ({feed['views']} views at {feed['res']} px, one process): {feed['per_s']:.0f} "
-          f"samples/s; one H100 at 40 % MFU trains {feed['needed']:.0f} samples/s of it: "
-          f"{math.ceil(feed['needed'] / feed['per_s'])} such workers keep it fed")
-
+    feed = loader(preset, samples=24 if bench.loader_workers <= 1 else 16 * 4 * bench.loader_workers,
+                  workers=bench.loader_workers)
+    rate = f"{feed['per_s']:.0f} samples/s in one process"
+    if feed["workers"]:
+        rate += f", {feed['workers_per_s']:.0f} from a DataLoader of {feed['workers']} workers"
+    print(f"\ndata loader, stage psfm ({feed['views']} views at {feed['res']} px): {rate}; one H100 at 40 % MFU "
+          f"trains {feed['needed']:.0f} samples/s of it: {math.ceil(feed['needed'] / feed['per_s'])} worker(s) "
+          f"keep it fed")
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -14,6 +14,7 @@
 #   ablation  the decisive size: more data, steps and seeds, under 30 minutes on a 2-core CPU
 #   gpu       reference-size models and data for one GPU (not yet run on a GPU: budgets are estimates)
 #   test      a smaller still version that the test suite runs
+#   PYTHON=/path/to/python picks the interpreter (default: the python on PATH)
 #   --out=DIR relative to the current directory; default out/ beside this script. Data already in DIR is
 #             reused only if it was generated for the same size (DIR/data.args records the generator's arguments).
 # Every size runs the same code; only the numbers below differ.
@@ -21,6 +22,7 @@ set -euo pipefail
 
 SIZE=${SIZE:-cpu}
 OUT=${OUT:-}
+PYTHON=${PYTHON:-python}
 for arg in "$@"; do
   case $arg in
     --size=*) SIZE=${arg#--size=} ;;
@@ -73,29 +75,29 @@ if [ -f "$OUT/data/qa_val.jsonl" ]; then
 fi
 
 start=$(date +%s)
-python -c "import torch, numpy, safetensors, tokenizers, tqdm" \
+"$PYTHON" -c "import torch, numpy, safetensors, tokenizers, tqdm" \
   || { echo "speedrun.sh: install first: pip install torch==2.13.0 && pip install -r requirements.txt" >&2; exit 1; }
 mkdir -p "$OUT"
 
 echo "== data"
 if [ ! -f "$OUT/data/qa_val.jsonl" ]; then
-  python generate_spar.py --out="$OUT/data" $GEN_ARGS
+  "$PYTHON" generate_spar.py --out="$OUT/data" $GEN_ARGS
   echo "$GEN_ARGS" > "$OUT/data.args"
 fi
 # --resume: a rerun goes on where the last one stopped, and a finished stage is skipped (train.py refuses to
 # start over in a folder that holds a checkpoint).
 echo "== stage geo"
-python train.py --resume --stage=geo --data="$OUT/data" --out="$OUT/geo" $COMMON $GEO_VIEWS $GEO
+"$PYTHON" train.py --resume --stage=geo --data="$OUT/data" --out="$OUT/geo" $COMMON $GEO_VIEWS $GEO
 echo "== stage psfm"
-python train.py --resume --stage=psfm --data="$OUT/data" --init_geo="$OUT/geo" --out="$OUT/psfm" $COMMON $PSFM_VIEWS $PSFM
+"$PYTHON" train.py --resume --stage=psfm --data="$OUT/data" --init_geo="$OUT/geo" --out="$OUT/psfm" $COMMON $PSFM_VIEWS $PSFM
 ARMS="none psfm oracle"  # the baseline first: the ablation compares every arm with it
 for seed in $(seq 0 $((SEEDS - 1))); do
   for arm in $ARMS; do
     echo "== stage vlm: --spa3r=$arm, seed $seed"
     dir="$OUT/vlm_${arm}_s$seed"
-    python train.py --resume --stage=vlm --spa3r=$arm --seed=$seed --data="$OUT/data" --init_geo="$OUT/geo" \
+    "$PYTHON" train.py --resume --stage=vlm --spa3r=$arm --seed=$seed --data="$OUT/data" --init_geo="$OUT/geo" \
       --init_spa3r="$OUT/psfm" --out="$dir" --tasks="$TASKS" $COMMON $VLM
-    python eval.py --ckpt="$dir" --data="$OUT/data" --split=val --tasks="$TASKS" --json_out="$dir/eval.json" > "$dir/eval.txt"
+    "$PYTHON" eval.py --ckpt="$dir" --data="$OUT/data" --split=val --tasks="$TASKS" --json_out="$dir/eval.json" > "$dir/eval.txt"
   done
 done
 
@@ -117,22 +119,22 @@ wall=$(( $(date +%s) - start ))
 {
   echo "# nanoSpa3R speedrun, size $SIZE"
   echo
-  echo "Machine: $(python -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only")'), $(nproc) CPU cores. Wall time: $((wall / 60)) min $((wall % 60)) s. Command: \`bash speedrun.sh --size=$SIZE\`."
+  echo "Machine: $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only")'), $(nproc) CPU cores. Wall time: $((wall / 60)) min $((wall % 60)) s. Command: \`bash speedrun.sh --size=$SIZE\`."
   echo
   echo "## Gates: every stage against its trivial baseline on held-out scenes"
   echo
   echo "Each row: the model's mean error (lower is better; R² and scores: higher) and its baseline's on the same"
   echo "held-out samples; PASS when the paired bootstrap 95 % interval of the difference excludes 0 on the right side."
   echo
-  python eval.py --gates="$gates"
+  "$PYTHON" eval.py --gates="$gates"
   echo
   echo "## The ablation: held-out score, $SEEDS seed(s) per arm, each compared with the baseline"
   echo
-  python eval.py --ablation="$arms"
+  "$PYTHON" eval.py --ablation="$arms"
   echo
   echo "## Per task, seed 0 of each arm"
   echo
-  python eval.py --compare="$per_task"
+  "$PYTHON" eval.py --compare="$per_task"
 } > "$OUT/report.md"
 cat "$OUT/report.md"
 echo "wrote $OUT/report.md"

@@ -1,8 +1,14 @@
 """bench.py: its FLOP and parameter accounting and its output, on the tiny preset (no timing is asserted)."""
+import warnings
+from contextlib import contextmanager
+from dataclasses import replace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bench
+import train
 import vlm
 from model import GeoBackbone, GeoConfig
 from model import flops_per_sample as geo_flops
@@ -71,7 +77,56 @@ def test_bad_flags_are_refused():
 def test_the_loader_is_measured_against_the_step_rate_it_must_feed():
     """needed = peak x MFU / the training FLOPs of a psfm sample, as a timed psfm step is credited with them."""
     assert bench.needed_samples_per_s(2e9, peak=1e12, mfu=0.5) == 250
-    feed = bench.loader("tiny", samples=4)
+    feed = bench.loader("tiny", samples=12, workers=2)  # 36 samples: 3 batches
     step = run("psfm", num_views=feed["views"])  # train.py's own count for a step of these views
     assert feed["needed"] == pytest.approx(bench.H100_BF16 * 0.40 / step_flops_per_sample(step), rel=1e-9)
-    assert feed["views"] == 4 and feed["res"] == 32 and feed["per_s"] > 0
+    assert feed["views"] == 4 and feed["res"] == 32 and feed["per_s"] > 0 and feed["workers_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------- on CUDA only (skipped elsewhere)
+
+@contextmanager
+def sdpa_backends():
+    """Runs every scaled_dot_product_attention call under the first SDPA backend that accepts it, fastest first,
+    and records (backend, whether a mask was given): which kernel CUDA's dispatcher can pick for each call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sdpa, calls = F.scaled_dot_product_attention, []
+    order = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+    def first_that_runs(q, k, v, attn_mask=None, **kwargs):
+        for backend in order:
+            try:
+                with sdpa_kernel(backend), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # each refusal warns why
+                    out = sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+            except RuntimeError:  # "No available kernel"
+                continue
+            calls.append((backend.name, attn_mask is not None))
+            return out
+        raise AssertionError("no SDPA backend ran")
+
+    F.scaled_dot_product_attention = first_that_runs
+    try:
+        yield calls
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stage", ["geo", "psfm", "vlm"])
+def test_cuda_attention_takes_the_flash_kernel_at_the_reference_preset(stage):
+    """A bf16 training step of each stage at the reference sizes: every attention without a mask must be eligible
+    for flash attention (one dtype, head size, last dimension contiguous); the masked global blocks of PSFM's one
+    pass (context views never see masked ones) can only take a kernel that reads a mask, never the math one."""
+    device = torch.device("cuda")
+    cfg = replace(train.stage_config([], stage, "reference", False)[0], batch_size=2, num_views=4)
+    built, batch, _ = bench.build(stage, "reference", cfg, bench.BenchConfig())
+    built.model.to(device)
+    batch = train.to_device(batch, device)
+    with sdpa_backends() as calls, torch.autocast("cuda", torch.bfloat16):
+        loss, _ = built.loss(built.model, batch)
+    loss.backward()
+    assert calls and torch.isfinite(loss)
+    assert {backend for backend, masked in calls if not masked} == {"FLASH_ATTENTION"}, calls
+    assert all(backend in ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION") for backend, masked in calls if masked), calls
+    assert any(masked for _, masked in calls) == (stage == "psfm")

@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["device and versions", "data", "smoke: stage geo", "smoke: stage psfm", "smoke: stage vlm", "bench (eager)"]
+STEPS = ["device and versions", "data", "smoke: stage geo", "smoke: stage psfm", "smoke: stage vlm", "bench (eager)",
+         "CUDA-only tests"]
 
 
 def run(tmp_path, python, *args):
