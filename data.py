@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -395,31 +394,27 @@ def read_image_file(path):
 
 
 class SceneStore:
-    """Loads scenes on demand from DATA/scenes and keeps the most recent ones in memory."""
+    """A question's frames from DATA/scenes: only the frames it shows are read (safetensors slices, as
+    SceneViewsDataset reads views); each scene's json and poses, small, are kept once read."""
 
-    def __init__(self, data_dir, cache=8):
-        self.scene_dir = os.path.join(data_dir, "scenes")
-        self.cache, self.capacity = OrderedDict(), cache
+    def __init__(self, data_dir):
+        self.scene_dir, self.cameras = os.path.join(data_dir, "scenes"), {}
 
-    def scene(self, scene_id):
-        if scene_id not in self.cache:
-            self.cache[scene_id] = load_scene(os.path.join(self.scene_dir, scene_id))
-            if len(self.cache) > self.capacity:
-                self.cache.popitem(last=False)
-        self.cache.move_to_end(scene_id)
-        return self.cache[scene_id]
+    def scene_cameras(self, scene_id):
+        if scene_id not in self.cameras:
+            self.cameras[scene_id] = scene_cameras(os.path.join(self.scene_dir, scene_id))
+        return self.cameras[scene_id]
 
     def frames(self, scene_id, frame_indices, res=None, markers=None):
         """Frames as float32 (N, 3, H, W) in [0, 1]; markers (a record's) are drawn on their images first."""
-        scene = self.scene(scene_id)
-        views = len(scene["rgb"])
-        bad = [i for i in frame_indices if not 0 <= i < views]
+        meta, pose = self.scene_cameras(scene_id)
+        bad = [i for i in frame_indices if not 0 <= i < len(pose)]
         if bad:
-            raise ValueError(f"{self.scene_dir}/{scene_id}.safetensors: frame {bad[0]} out of range (0..{views - 1})")
-        rgb = [draw_markers(scene["rgb"][i], markers, slot) if markers else scene["rgb"][i]
-               for slot, i in enumerate(frame_indices)]
+            raise ValueError(f"{self.scene_dir}/{scene_id}.safetensors: frame {bad[0]} out of range (0..{len(pose) - 1})")
+        rgb = read_views(os.path.join(self.scene_dir, scene_id), frame_indices, meta)["rgb"]  # (N, H, W, 3)
+        if markers:
+            rgb = [draw_markers(image, markers, slot) for slot, image in enumerate(rgb)]
         return as_images(np.stack(rgb), res)
-
 
     def record_frames(self, record, res=None, markers=True):
         """A question's images: its image files (benchmark and SPAR-7M records), else its scene's frames."""
@@ -429,8 +424,7 @@ class SceneStore:
 
     def oracle(self, record):
         """The oracle arm's true 3D tokens of a record (oracle_tokens, defined with the oracle arm below)."""
-        scene = self.scene(record["scene"])
-        return oracle_tokens(scene["meta"], scene["pose"], record)
+        return oracle_tokens(*self.scene_cameras(record["scene"]), record)
 
 
 def scene_ids(data_dir, split):

@@ -92,6 +92,12 @@ def rope_cos_sin(positions, head_dim, base):
     return angles.cos(), angles.sin()
 
 
+def rms_norm(norm, x):
+    """nn.RMSNorm `norm` in x's dtype: under bf16 autocast its fp32 weight would send a bf16 x down an unfused,
+    fp32 path (several kernels and two casts per call, a fifth of a step's GPU time on CUDA)."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
+
+
 def apply_rope(x, cos, sin):
     """Rotate channel pairs (i, i + head_dim / 4) of each half of x (..., T, head_dim) by the token's angles."""
     a, b, c, d = x.chunk(4, -1)
@@ -114,16 +120,17 @@ class Attention(nn.Module):
         prope: psfm.PRoPE, per-token camera transforms (it replaces rope when given)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
-        dtype = v.dtype  # bf16 under autocast; the norms and the fp32 RoPE / PRoPE tables promote to fp32
-        q, k = self.q_norm(q), self.k_norm(k)
-        if prope is not None:
-            q, k, v = prope.q(q), prope.kv(k), prope.kv(v)
+        dtype = v.dtype  # bf16 under autocast: norms and RoPE stay in it (elementwise work is much of a step)
+        q, k = rms_norm(self.q_norm, q), rms_norm(self.k_norm, k)
+        if prope is not None:  # camera matrices in fp32: bf16 would round a 5 m translation by 2 cm
+            q, k, v = prope.q(q.float()), prope.kv(k.float()), prope.kv(v.float())
         elif rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            cos, sin = (table.to(dtype) for table in rope)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # one dtype for all three, or CUDA's flash kernel refuses them
         o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=attn_mask)  # (B, h, T, hd)
         if prope is not None:
-            o = prope.o(o)
+            o = prope.o(o.float()).to(dtype)
         return self.proj(o.transpose(1, 2).reshape(B, T, D))
 
 

@@ -75,8 +75,9 @@ def rotary(positions, head_dim, theta):
 
 
 def apply_rotary(x, cos, sin):
+    """In x's dtype (bf16 under autocast): fp32 tables would promote x, and a cast back would cost two more passes."""
     a, b = x.chunk(2, -1)
-    return (x * cos + torch.cat([-b, a], -1) * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + torch.cat([-b, a], -1) * sin.to(x.dtype)
 
 
 def padded_causal_mask(valid, start):

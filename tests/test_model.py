@@ -215,7 +215,7 @@ def test_heads_and_loss_finite_on_random_input():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in backbone.parameters())
 
 
-@pytest.mark.filterwarnings("ignore:Mismatch dtype")  # CPU RMSNorm on bf16 input with fp32 weights
+@pytest.mark.filterwarnings("error:Mismatch dtype")  # an fp32 weight on bf16 input: the slow unfused norm
 def test_bf16_autocast_feeds_attention_one_dtype():
     """CUDA's SDPA refuses mixed dtypes: the fp32 RoPE tables and norms must not leak into q and k."""
     torch.manual_seed(0)
@@ -226,6 +226,20 @@ def test_bf16_autocast_feeds_attention_one_dtype():
         loss, _ = geo_loss(pred, batch)
     assert calls and all(dtypes == {torch.bfloat16} for _, _, dtypes in calls)
     assert pred["pose"].dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_bf16_attention_stays_near_fp32():
+    """QK-norm and RoPE run in bf16 under autocast (for speed): the block's output must stay within bf16's
+    rounding of the fp32 one."""
+    torch.manual_seed(0)
+    attention = Attention(64, 4)
+    x = torch.randn(2, 20, 64)
+    rope = rope_cos_sin(grid_positions(4, 4, 4, "cpu"), 16, 100.0)
+    reference = attention(x, rope)  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = attention(x, rope)
+    assert fast.dtype == torch.bfloat16
+    assert (fast.float() - reference).norm() / reference.norm() < 2e-2
 
 
 # ----------------------------------------------------------------------------- camera geometry and the loss
