@@ -1045,6 +1045,8 @@ def run_steps(cfg, stage, run, optimizer, log, start):
         if rank == 0:
             save_checkpoint(cfg.out, partial(write_checkpoint, stage, optimizer, cfg, step, num_samples, device, unlogged))
 
+    if cfg.compile:
+        log.line(f"{cfg.stage}: torch.compile: the first step compiles the model (a minute or more on a GPU)")
     for step in range(start, cfg.steps):
         grad_norm = train_step(stage, runner, optimizer, [next(batches) for _ in range(run.accum)], step, cfg, run, log)
         bar.update()
@@ -1062,6 +1064,8 @@ def run_steps(cfg, stage, run, optimizer, log, start):
         if done % cfg.save_every == 0 or done == cfg.steps:  # before validation: a failing gate loses nothing
             save(done)
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+            log.line(f"{cfg.stage} step {done}/{cfg.steps} | validation on {cfg.eval_samples} held-out samples, "
+                     f"then the gates")
             val = validate(stage, cfg, run)
             log.line(f"{cfg.stage} step {done}/{cfg.steps} | val loss {val['loss']:.4f} | "
                      + " ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "loss"))
