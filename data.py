@@ -364,14 +364,16 @@ def semantic_map(instance, objects):
 
 
 def resize_views(images, depth, semantic, K, res):
-    """Resize (V,3,H,W) images (area), depth and semantic maps (nearest) to res x res, scaling K to match."""
+    """Resize (V,3,H,W) images (area; uint8 stays uint8), depth and semantic maps (nearest) to res x res, scaling K
+    to match."""
     height, width = images.shape[-2:]
     if (height, width) == (res, res):
         return images, depth, semantic, K
-    images = F.interpolate(images, size=(res, res), mode="area" if res < height else "bilinear")
+    resized = F.interpolate(images.float(), size=(res, res), mode="area" if res < height else "bilinear")
+    images = resized.round().clamp(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else resized
     # "nearest-exact" samples each output pixel's centre, as the scaled K assumes ("nearest" takes a corner)
     depth = F.interpolate(depth[:, None], size=(res, res), mode="nearest-exact")[:, 0]
-    semantic = F.interpolate(semantic[:, None].float(), size=(res, res), mode="nearest-exact")[:, 0].long()
+    semantic = F.interpolate(semantic[:, None].float(), size=(res, res), mode="nearest-exact")[:, 0].to(semantic.dtype)
     scale = torch.tensor([res / width, res / height, 1.0], dtype=K.dtype)
     return images, depth, semantic, K * scale[None, :, None]
 
@@ -493,9 +495,11 @@ class SceneViewsDataset(torch.utils.data.Dataset):
             pick = torch.randperm(len(nearest), generator=generator)[:self.num_views - 1].numpy()
             views = np.concatenate([views[:1], nearest[pick]])
         scene = read_views(os.path.join(self.scene_dir, scene_id), views, meta)  # only these views are read
-        images = torch.from_numpy(scene["rgb"]).permute(0, 3, 1, 2).float() / 255  # (V, 3, H, W)
+        # uint8 images and int16 class ids travel to the training process (a third of the bytes of float32 and
+        # int64: the DataLoader's shared memory was its bottleneck); train.to_device widens them on the device
+        images = torch.from_numpy(scene["rgb"]).permute(0, 3, 1, 2)  # (V, 3, H, W) uint8
         depth = torch.from_numpy(scene["depth"])  # (V, H, W)
-        semantic = torch.from_numpy(semantic_map(scene["instance"], meta["objects"]))
+        semantic = torch.from_numpy(semantic_map(scene["instance"], meta["objects"]).astype(np.int16))
         K = torch.from_numpy(scene["K"].copy())
         if self.res is not None:
             images, depth, semantic, K = resize_views(images, depth, semantic, K, self.res)
@@ -512,8 +516,9 @@ def hash_seed(*values):
 
 
 def collate_views(items):
-    """Stack SceneViewsDataset items: images (B,V,3,H,W), depth (B,V,H,W), K (B,V,3,3), pose (B,V,4,4),
-    semantic (B,V,H,W), views (B,V) and with a mask context (B,V); `scene` stays a list."""
+    """Stack SceneViewsDataset items: images (B,V,3,H,W) uint8, depth (B,V,H,W), K (B,V,3,3), pose (B,V,4,4),
+    semantic (B,V,H,W) int16, views (B,V) and with a mask context (B,V); `scene` stays a list. train.to_device
+    makes the images floats in [0, 1] and the class ids int64, as the models take them."""
     batch = {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "scene"}
     batch["scene"] = [item["scene"] for item in items]
     return batch

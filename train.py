@@ -413,7 +413,14 @@ BUILDERS = {"geo": build_geo, "psfm": build_psfm, "vlm": build_vlm}
 
 
 def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """A batch on the device as the models take it: view batches travel compact (data.collate_views) and are
+    widened there, uint8 images to floats in [0, 1] and int16 class ids to int64."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if torch.is_tensor(batch.get("images")) and batch["images"].dtype == torch.uint8:
+        batch["images"] = batch["images"].float() / 255
+    if "semantic" in batch:
+        batch["semantic"] = batch["semantic"].long()
+    return batch
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule

@@ -12,6 +12,8 @@ import torch
 
 import data
 import generate_spar as g
+import train
+from model import GeoBackbone, GeoConfig
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +152,15 @@ def test_scene_views_dataset_shapes_and_determinism(dataset_dir):
     dataset = data.SceneViewsDataset(str(dataset_dir), "train", num_views=4, seed=3)
     assert len(dataset) == 3
     item = dataset[1]
-    assert item["images"].shape == (4, 3, 48, 48) and item["images"].dtype == torch.float32
-    assert 0 <= item["images"].min() and item["images"].max() <= 1
+    assert item["images"].shape == (4, 3, 48, 48) and item["images"].dtype == torch.uint8  # widened on the device
     assert item["depth"].shape == (4, 48, 48) and item["semantic"].shape == (4, 48, 48)
     assert item["K"].shape == (4, 3, 3) and item["pose"].shape == (4, 4, 4)
     assert len(set(item["views"].tolist())) == 4
     scene = data.load_scene(str(dataset_dir / "scenes" / item["scene"]))
     v = int(item["views"][2])  # the tensors are that view's, unaltered
-    assert torch.equal(item["images"][2], torch.from_numpy(scene["rgb"][v]).permute(2, 0, 1).float() / 255)
+    assert torch.equal(item["images"][2], torch.from_numpy(scene["rgb"][v]).permute(2, 0, 1))
+    assert torch.equal(item["semantic"][2].long(), torch.from_numpy(data.semantic_map(scene["instance"][v],
+                                                                                      scene["meta"]["objects"])))
     assert torch.equal(item["pose"][2], torch.from_numpy(scene["pose"][v]))
     again = data.SceneViewsDataset(str(dataset_dir), "train", num_views=4, seed=3)[1]
     assert torch.equal(again["views"], item["views"])
@@ -165,7 +168,12 @@ def test_scene_views_dataset_shapes_and_determinism(dataset_dir):
     assert not all(torch.equal(dataset[i]["views"], again_i["views"]) for i, again_i in
                    enumerate(data.SceneViewsDataset(str(dataset_dir), "train", num_views=4, seed=3)))
     batch = data.collate_views([dataset[0], dataset[1]])
-    assert batch["images"].shape == (2, 4, 3, 48, 48) and batch["semantic"].dtype == torch.int64
+    assert batch["images"].shape == (2, 4, 3, 48, 48) and batch["semantic"].dtype == torch.int16
+    ready = train.to_device(batch, torch.device("cpu"))  # as the models take it
+    assert ready["images"].dtype == torch.float32 and ready["semantic"].dtype == torch.int64
+    assert torch.equal(ready["images"], batch["images"].float() / 255) and torch.equal(ready["semantic"], batch["semantic"].long())
+    with pytest.raises(ValueError, match="images must be floats in"):  # a compact batch is refused, not misread
+        GeoBackbone(GeoConfig.tiny()).aggregate(batch["images"])
 
 
 def test_resizing_scales_the_intrinsics(dataset_dir):
@@ -173,8 +181,9 @@ def test_resizing_scales_the_intrinsics(dataset_dir):
     half = data.SceneViewsDataset(str(dataset_dir), "val", num_views=2, seed=0, res=24)[0]
     assert half["images"].shape == (2, 3, 24, 24)
     assert torch.allclose(half["K"][:, :2], full["K"][:, :2] / 2)
-    # area resizing = mean of 2x2 blocks
-    assert torch.allclose(half["images"][0], torch.nn.functional.avg_pool2d(full["images"][0], 2), atol=1e-6)
+    # area resizing = mean of 2x2 blocks, rounded back to uint8
+    block_means = torch.nn.functional.avg_pool2d(full["images"][0].float(), 2)
+    assert half["images"].dtype == torch.uint8 and torch.equal(half["images"][0], block_means.round().to(torch.uint8))
 
 
 def test_resized_semantics_line_up_with_the_scaled_intrinsics():
@@ -211,7 +220,7 @@ def test_views_are_read_alone_and_equal_a_whole_scene_read(dataset_dir):
         item = dataset[i]
         whole = data.load_scene(os.path.join(dataset.scene_dir, item["scene"]))
         v = item["views"].numpy()
-        assert torch.equal(item["images"], torch.from_numpy(whole["rgb"][v]).permute(0, 3, 1, 2).float() / 255)
+        assert torch.equal(item["images"], torch.from_numpy(whole["rgb"][v]).permute(0, 3, 1, 2))
         assert torch.equal(item["depth"], torch.from_numpy(whole["depth"][v]))
         assert torch.equal(item["pose"], torch.from_numpy(whole["pose"][v])) and torch.equal(item["K"], torch.from_numpy(whole["K"][v]))
         semantic = data.semantic_map(whole["instance"][v], whole["meta"]["objects"])

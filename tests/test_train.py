@@ -108,7 +108,7 @@ def test_checkpoints_reproduce_the_validation_loss_logged_at_their_step(single, 
     backbone = train.load_geo(os.path.join(single, "geo"))
     views = train.data.SceneViewsDataset(data_dir, "val", num_views=4, res=32, seed=0, samples_per_scene=3,
                                          view_sampling="near")
-    batch = train.data.collate_views([views[p] for p in range(6)])
+    batch = train.to_device(train.data.collate_views([views[p] for p in range(6)]), torch.device("cpu"))
     with torch.no_grad():
         loss, _ = geo_loss(backbone(batch["images"]), batch)
     assert loss.item() == pytest.approx(val_loss(os.path.join(single, "geo")), rel=1e-5)
