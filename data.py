@@ -515,6 +515,17 @@ def hash_seed(*values):
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def to_device(batch, device):
+    """A batch on the device as the models take it: batches travel compact (data.collate_views, vlm.collate) and
+    are widened there, uint8 images to floats in [0, 1] and int16 class ids to int64."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if torch.is_tensor(batch.get("images")) and batch["images"].dtype == torch.uint8:
+        batch["images"] = batch["images"].float() / 255
+    if "semantic" in batch:
+        batch["semantic"] = batch["semantic"].long()
+    return batch
+
+
 def collate_views(items):
     """Stack SceneViewsDataset items: images (B,V,3,H,W) uint8, depth (B,V,H,W), K (B,V,3,3), pose (B,V,4,4),
     semantic (B,V,H,W) int16, views (B,V) and with a mask context (B,V); `scene` stays a list. train.to_device
@@ -561,7 +572,7 @@ def oracle_tokens(meta, poses, record):
 
 
 class QADataset(torch.utils.data.Dataset):
-    """Item: {"id", "task", "images" (N,3,H,W) in [0,1] with the question's markers drawn, "question", "answer",
+    """Item: {"id", "task", "images" (N,3,H,W) uint8 with the question's markers drawn, "question", "answer",
     "record"}, and with oracle=True "oracle" (oracle_tokens). The chat template and tokenisation belong to vlm.py."""
 
     def __init__(self, data_dir, split="train", res=None, markers=True, oracle=False, tasks=()):
@@ -580,6 +591,8 @@ class QADataset(torch.utils.data.Dataset):
             images = self.store.record_frames(record, self.res, self.markers)
         except ValueError as error:
             raise ValueError(f"{self.path}: record {record['id']!r} (field 'scene' / 'image'): {error}") from None
+        # uint8 to the training process, as SceneViewsDataset's views: a quarter of float32's bytes
+        images = (images * 255).round().to(torch.uint8)
         item = {"id": record["id"], "task": record["task"], "images": images, "question": prompt(record),
                 "answer": record["answer"], "record": record}
         if self.oracle:  # the ablation's oracle arm: true 3D tokens (see oracle_tokens)

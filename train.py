@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import data
 import vlm
+from data import to_device
 from eval import paired_bootstrap
 from generate_spar import TASKS, GenConfig, announce, generate, parse_args
 from model import GeoBackbone, GeoConfig, geo_loss, init_weights, relative_to_view0
@@ -404,23 +405,13 @@ def build_vlm(cfg, models):
         vlm.check_lengths(dataset.records, tokenizer, config, dataset.path)
     if cfg.spa3r == "psfm" and len(train_set):  # the adapter's fixed standardisation of the frozen latent
         picks = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))[:256].tolist()
-        model.set_latent_statistics(collate([train_set[i] for i in picks[k:k + 32]]) for k in range(0, len(picks), 32))
+        model.set_latent_statistics(to_device(collate([train_set[i] for i in picks[k:k + 32]]), torch.device("cpu"))
+                                    for k in range(0, len(picks), 32))
     return Stage("vlm", model, asdict(config), param_groups(model, cfg), train_set, val_set, collate,
                  files={"tokenizer.json": tokenizer.to_str()}, **stage_functions("vlm", model, cfg))
 
 
 BUILDERS = {"geo": build_geo, "psfm": build_psfm, "vlm": build_vlm}
-
-
-def to_device(batch, device):
-    """A batch on the device as the models take it: view batches travel compact (data.collate_views) and are
-    widened there, uint8 images to floats in [0, 1] and int16 class ids to int64."""
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if torch.is_tensor(batch.get("images")) and batch["images"].dtype == torch.uint8:
-        batch["images"] = batch["images"].float() / 255
-    if "semantic" in batch:
-        batch["semantic"] = batch["semantic"].long()
-    return batch
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import (ORACLE_CAMERAS, ORACLE_DIM, ORACLE_OBJECTS, SPECIAL_TOKENS, best_device, load_checkpoint,
+from data import (ORACLE_CAMERAS, ORACLE_DIM, ORACLE_OBJECTS, SPECIAL_TOKENS, best_device, load_checkpoint, to_device,
                   load_tokenizer, load_weights, prompt, read_json, read_weights)
 from model import MLP, GeoBackbone, GeoConfig, ViT, block_flops, check_fields, init_weights
 from model import flops_per_sample as geo_flops_per_sample
@@ -380,13 +380,17 @@ def tokens_per_image(config, H, W):
 
 
 def stack_images(images, config, names):
-    """List of (N_i, 3, H, W), N_i >= 1, one size for all -> (I, 3, H, W), num_images (B,), tokens per image."""
+    """List of (N_i, 3, H, W), N_i >= 1, one size for all -> (I, 3, H, W), num_images (B,), tokens per image.
+    uint8 images stay uint8 (training batches: train.to_device widens them on the device), others become float."""
     for x, name in zip(images, names):
         if x.dim() != 4 or x.shape[1] != 3 or len(x) == 0 or x.shape[-2:] != images[0].shape[-2:]:
             raise ValueError(f"vlm.py: record {name!r} field 'images' must be (N >= 1, 3, H, W) with the batch's H, W "
                              f"{tuple(images[0].shape[-2:])}, got {tuple(x.shape)}")
     n = tokens_per_image(config, *images[0].shape[-2:])
-    return torch.cat(images).float(), torch.tensor([len(x) for x in images]), n
+    images_tensor = torch.cat(images)
+    if images_tensor.dtype != torch.uint8:
+        images_tensor = images_tensor.float()
+    return images_tensor, torch.tensor([len(x) for x in images]), n
 
 
 def check_length(length, config, name, where="vlm.py"):
@@ -406,7 +410,8 @@ def check_lengths(records, tokenizer, config, where):
 
 
 def collate(items, tokenizer, config):
-    """data.QADataset items -> a training batch, right-padded (see the file's docstring). Use as
+    """data.QADataset items -> a training batch, right-padded (see the file's docstring), its images uint8 as the
+    items carry them (train.to_device widens them). Use as
     DataLoader(collate_fn=functools.partial(collate, tokenizer=tokenizer, config=config))."""
     names = [item["id"] for item in items]
     images, num_images, n = stack_images([item["images"] for item in items], config, names)
@@ -591,7 +596,7 @@ class SpaVLM(nn.Module):
     @torch.no_grad()
     def answer(self, records, images, max_new_tokens=None, oracle=None):
         """eval.py's contract: records (dicts with "question", read as generate_spar.prompt assembles it),
-        images[i] (N_i, 3, H, W) in [0, 1] -> answers,
+        images[i] (N_i, 3, H, W) in [0, 1] (or uint8, as data.QADataset gives them) -> answers,
         decoded greedily with the KV cache, the whole list as one batch. oracle: the oracle arm's
         data.oracle_tokens of each record."""
         device = self.lm.embed_tokens.weight.device
@@ -599,7 +604,7 @@ class SpaVLM(nn.Module):
                              [r.get("id", f"#{i}") for i, r in enumerate(records)])
         if oracle is not None:
             batch["oracle"] = torch.stack(list(oracle))
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         return [self.tokenizer.decode(ids).strip() for ids in self.generate(batch, max_new_tokens)]
 
     def param_groups(self, lrs, weight_decay=0.0):

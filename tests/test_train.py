@@ -115,7 +115,7 @@ def test_checkpoints_reproduce_the_validation_loss_logged_at_their_step(single, 
 
     model = vlm.load_for_eval(os.path.join(single, "vlm"), "cpu")
     questions = train.data.QADataset(data_dir, "val", res=32)
-    batch = vlm.collate([questions[p] for p in range(6)], model.tokenizer, model.config)
+    batch = train.to_device(vlm.collate([questions[p] for p in range(6)], model.tokenizer, model.config), "cpu")
     with torch.no_grad():
         loss, _ = model(batch)  # the mean over all answer tokens, as train.py weights its micro-batches
     assert loss.item() == pytest.approx(val_loss(os.path.join(single, "vlm")), rel=1e-5)
