@@ -165,12 +165,14 @@ def loader(preset, samples=24, workers=0):
 
 
 def loader_rate(dataset, workers, batch_size=16):
-    """Samples/s a DataLoader of `workers` processes delivers, timed from its first batch (the workers' start and
-    first reads excluded) to its last."""
+    """Samples/s a DataLoader of `workers` processes delivers, timed after each worker's first batch (their start
+    and first reads excluded; a clock started at the first batch would count the others' first batches, made
+    before it, as made inside it) to the last batch."""
     import data
     batches = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                                collate_fn=data.collate_views, pin_memory=torch.cuda.is_available()))
-    next(batches)
+    for _ in range(workers):
+        next(batches)
     start, count = time.time(), 0
     for batch in batches:
         count += len(batch["images"])

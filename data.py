@@ -267,10 +267,20 @@ def check_scene(arrays, meta, tensor_path, meta_path, total_views=None):
     for key, shape in shapes.items():
         if arrays[key].shape != shape:
             raise ValueError(f"{tensor_path}: tensor '{key}' has shape {arrays[key].shape}, expected {shape}")
-    for key in ("K", "pose"):
-        if not np.all(np.isfinite(arrays[key])):
-            raise ValueError(f"{tensor_path}: tensor '{key}' holds non-finite values")
-    check_rigid(arrays["pose"], tensor_path)
+    if not np.all(np.isfinite(arrays["K"])):
+        raise ValueError(f"{tensor_path}: tensor 'K' holds non-finite values")
+    check_cameras(meta, arrays["pose"], tensor_path, meta_path, total_views or views)
+    low, high = int(arrays["instance"].min()), int(arrays["instance"].max())
+    if low < min(SHELL_IDS.values()) - 1 or high >= len(meta["objects"]):
+        raise ValueError(f"{tensor_path}: tensor 'instance' holds ids {low}..{high}; allowed are "
+                         f"{min(SHELL_IDS.values()) - 1}..-1 (room, unknown) and 0..{len(meta['objects']) - 1} (objects)")
+
+
+def check_cameras(meta, pose, tensor_path, meta_path, total_views):
+    """A scene's json and poses: what choosing views, the probes and the oracle arm read without the images."""
+    if not np.all(np.isfinite(pose)):
+        raise ValueError(f"{tensor_path}: tensor 'pose' holds non-finite values")
+    check_rigid(pose, tensor_path)
     check_split(meta, meta_path)
     if not isinstance(meta.get("objects"), list):
         raise ValueError(f"{meta_path}: field 'objects' must be a list")
@@ -282,13 +292,9 @@ def check_scene(arrays, meta, tensor_path, meta_path, total_views=None):
         for key in ("center", "size"):
             if not is_numbers(obj.get(key), 3):
                 raise ValueError(f"{meta_path}: field 'objects[{i}].{key}' must be three finite numbers")
-    low, high = int(arrays["instance"].min()), int(arrays["instance"].max())
-    if low < min(SHELL_IDS.values()) - 1 or high >= len(meta["objects"]):
-        raise ValueError(f"{tensor_path}: tensor 'instance' holds ids {low}..{high}; allowed are "
-                         f"{min(SHELL_IDS.values()) - 1}..-1 (room, unknown) and 0..{len(meta['objects']) - 1} (objects)")
-    frames, views = meta.get("video_frames"), total_views or views
-    if not (is_int(frames) and 1 <= frames <= views):
-        raise ValueError(f"{meta_path}: field 'video_frames' must be an integer in 1..{views}, got {frames!r}")
+    frames = meta.get("video_frames")
+    if not (is_int(frames) and 1 <= frames <= total_views):
+        raise ValueError(f"{meta_path}: field 'video_frames' must be an integer in 1..{total_views}, got {frames!r}")
 
 
 def scene_files(path):
@@ -315,8 +321,9 @@ def scene_cameras(path):
     meta = read_json(meta_path)
     with open_tensors(tensor_path) as f:
         pose = f.get_slice("pose")[:] if "pose" in f.keys() else None
-    if pose is None or pose.ndim != 3 or pose.shape[1:] != (4, 4) or not np.all(np.isfinite(pose)):
-        raise ValueError(f"{tensor_path}: tensor 'pose' must be finite (V, 4, 4)")
+    if pose is None or pose.dtype != np.float32 or pose.ndim != 3 or pose.shape[1:] != (4, 4):
+        raise ValueError(f"{tensor_path}: tensor 'pose' must be float32 (V, 4, 4)")
+    check_cameras(meta, pose, tensor_path, meta_path, len(pose))
     return meta, pose
 
 
@@ -328,7 +335,11 @@ def read_views(path, views, meta):
         missing = [key for key in ("rgb", "depth", "instance", "K", "pose") if key not in f.keys()]
         if missing:
             raise ValueError(f"{tensor_path}: tensor '{missing[0]}' is missing")
-        total = f.get_slice("rgb").get_shape()[0]
+        total = f.get_slice("pose").get_shape()[0]
+        for key in ("rgb", "depth", "instance", "K"):  # before slicing: a short tensor would fail unnamed
+            if f.get_slice(key).get_shape()[:1] != [total]:
+                raise ValueError(f"{tensor_path}: tensor '{key}' has shape {f.get_slice(key).get_shape()}, "
+                                 f"expected {total} views as 'pose'")
         arrays = {key: np.concatenate([f.get_slice(key)[int(v):int(v) + 1] for v in views])
                   for key in ("rgb", "depth", "instance", "K", "pose")}
     check_scene(arrays, meta, tensor_path, meta_path, total_views=total)
@@ -402,17 +413,19 @@ class SceneStore:
     def __init__(self, data_dir):
         self.scene_dir, self.cameras = os.path.join(data_dir, "scenes"), {}
 
-    def scene_cameras(self, scene_id):
+    def scene_cameras(self, scene_id, frame_indices=()):
+        """The scene's json and poses, kept once read; frame_indices must be among its frames."""
         if scene_id not in self.cameras:
             self.cameras[scene_id] = scene_cameras(os.path.join(self.scene_dir, scene_id))
-        return self.cameras[scene_id]
-
-    def frames(self, scene_id, frame_indices, res=None, markers=None):
-        """Frames as float32 (N, 3, H, W) in [0, 1]; markers (a record's) are drawn on their images first."""
-        meta, pose = self.scene_cameras(scene_id)
+        meta, pose = self.cameras[scene_id]
         bad = [i for i in frame_indices if not 0 <= i < len(pose)]
         if bad:
             raise ValueError(f"{self.scene_dir}/{scene_id}.safetensors: frame {bad[0]} out of range (0..{len(pose) - 1})")
+        return meta, pose
+
+    def frames(self, scene_id, frame_indices, res=None, markers=None):
+        """Frames as float32 (N, 3, H, W) in [0, 1]; markers (a record's) are drawn on their images first."""
+        meta, _ = self.scene_cameras(scene_id, frame_indices)
         rgb = read_views(os.path.join(self.scene_dir, scene_id), frame_indices, meta)["rgb"]  # (N, H, W, 3)
         if markers:
             rgb = [draw_markers(image, markers, slot) for slot, image in enumerate(rgb)]
@@ -426,7 +439,7 @@ class SceneStore:
 
     def oracle(self, record):
         """The oracle arm's true 3D tokens of a record (oracle_tokens, defined with the oracle arm below)."""
-        return oracle_tokens(*self.scene_cameras(record["scene"]), record)
+        return oracle_tokens(*self.scene_cameras(record["scene"], record["image"]), record)
 
 
 def scene_ids(data_dir, split):

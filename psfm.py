@@ -12,9 +12,10 @@ Reading order: Spa3RConfig, view masking, camera rays (Plücker) and PRoPE, Spa3
 targets and losses, PSFM, flops_per_sample.
 
 vlm.py calls PSFM.encode(images), the single entry point: unposed views in, latent (B, L, D) out.
-batch is the PSFM batch of data.py: images (B, V, 3, H, W) in [0, 1], depth (B, V, H, W) metres (0 = invalid),
-K (B, V, 3, 3), pose (B, V, 4, 4) camera-to-world OpenCV, semantic (B, V, H, W) int64 (-1 = ignore), and
-context (B, V) bool, the views Spa3R sees (drawn with each sample; random when absent).
+batch is the PSFM batch of data.py, widened by data.to_device: images (B, V, 3, H, W) in [0, 1], depth
+(B, V, H, W) metres (0 = invalid), K (B, V, 3, 3), pose (B, V, 4, 4) camera-to-world OpenCV, semantic
+(B, V, H, W) int64 (-1 = ignore), and context (B, V) bool, the views Spa3R sees (drawn with each sample;
+random when absent).
 """
 from dataclasses import dataclass
 

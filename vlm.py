@@ -67,7 +67,8 @@ class LMConfig:
 
 def rotary(positions, head_dim, theta):
     """positions (B, T) -> cos, sin (B, 1, T, head_dim). Llama's layout: channels j and j + head_dim / 2 turn
-    together, at frequency theta^(-2j / head_dim). Computed in fp32 every call, so no table to keep or cast."""
+    together, at frequency theta^(-2j / head_dim). Computed in fp32 every call (no table to keep); apply_rotary
+    casts it to the activations' dtype."""
     freqs = theta ** (-torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions[..., None].float() * freqs  # (B, T, head_dim / 2)
     angles = torch.cat([angles, angles], -1)[:, None]  # (B, 1, T, head_dim)

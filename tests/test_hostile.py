@@ -415,6 +415,7 @@ SCENE_ATTACKS = {  # name: (file it corrupts, how, the words the error must hold
     "instance id out of range": ("safetensors", lambda p: edit_tensor(p, "instance", lambda a: a + 100), "tensor 'instance'"),
     "scaled rotation": ("safetensors", lambda p: edit_tensor(p, "pose", scaled_rotation), "tensor 'pose' of view 1 is not a rigid"),
     "last row not 0 0 0 1": ("safetensors", lambda p: edit_tensor(p, "pose", last_row), "tensor 'pose' of view 2 is not a rigid"),
+    "fewer images than cameras": ("safetensors", lambda p: edit_tensor(p, "rgb", lambda a: a[:1]), "has shape"),
 }
 
 
@@ -422,14 +423,21 @@ SPLIT_LISTING_SEES = {"scene json is a list", "split 'test'", "truncated scene j
                       "lone surrogate in scene json"}
 
 
+CAMERAS_ONLY_MISS = {"instance id out of range", "fewer images than cameras"}  # tensors the oracle never reads
+
+
 @pytest.mark.parametrize("attack", SCENE_ATTACKS)
 def test_a_corrupt_scene_is_one_line_naming_file_and_field(data_dir, tmp_path, attack):
     kind, corrupt, expected = SCENE_ATTACKS[attack]
     folder, base = scene_files(data_dir, tmp_path)
     corrupt(f"{base}.{kind}")
-    for read in (lambda: data.scene_ids(folder, "train"), lambda: data.load_scene(base)):  # every way in
-        if "scene_ids" in read.__code__.co_names and attack not in SPLIT_LISTING_SEES:
-            continue  # listing a split reads each json's split only
+    question = json.loads(record(image=[1, 2]))
+    reads = {"listing": lambda: data.scene_ids(folder, "train"), "whole scene": lambda: data.load_scene(base),
+             "a question's frames": lambda: data.SceneStore(folder).frames("scene00000", [1, 2]),
+             "the oracle arm": lambda: data.SceneStore(folder).oracle(question)}  # every way in
+    for way, read in reads.items():
+        if (way == "listing" and attack not in SPLIT_LISTING_SEES) or (way == "the oracle arm" and attack in CAMERAS_ONLY_MISS):
+            continue  # listing a split reads each json's split only; the oracle reads json and poses only
         with pytest.raises(ValueError) as error:
             read()
         message = str(error.value)
