@@ -231,6 +231,17 @@ def test_views_are_read_alone_and_equal_a_whole_scene_read(dataset_dir):
     assert images == on_disk * 2 // len(whole["rgb"])
 
 
+def test_a_questions_frames_are_read_alone_and_equal_a_whole_scene_read(dataset_dir):
+    """SceneStore (stage vlm, eval) reads the frames a question shows through the same slices."""
+    store = data.SceneStore(str(dataset_dir))
+    whole = data.load_scene(str(dataset_dir / "scenes" / "scene00000"))
+    frames = store.frames("scene00000", [3, 0, 3])  # any order, repeats allowed
+    assert torch.equal(frames, data.as_images(whole["rgb"][[3, 0, 3]]))
+    assert torch.equal(store.frames("scene00000", [1], res=24), data.as_images(whole["rgb"][[1]], 24))
+    with pytest.raises(ValueError, match="scene00000.safetensors: frame 99 out of range"):
+        store.frames("scene00000", [0, 99])
+
+
 def test_spar7m_export_reads_back_as_the_same_training_items(dataset_dir, tmp_path):
     """generate_spar's SPAR-7M layout (PNG frames, markers drawn into copies) read by data.py: the same prompts,
     answers and images, to the bit, as the records and scenes they came from; the lines in SPAR-7M's fields."""
