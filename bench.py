@@ -6,10 +6,13 @@ achieved TFLOP/s and MFU on CUDA; last, the same as a markdown table. A step is 
 (forward, backward, clipping, AdamW) on a synthetic batch of the stage's shapes, so the figures are the ones
 train.py logs, minus data loading; no data set or checkpoint is needed (weights are random, which costs the
 same). FLOPs are counted by train.stage_functions, i.e. by the flops functions of model.py, psfm.py and vlm.py.
+Last, stage psfm's data path (bench.loader): samples/s of one process and, with --loader_workers, of a
+DataLoader, beside the samples/s a GPU's step would take.
 
 Usage:
     python bench.py                                    # reference preset on CUDA, tiny elsewhere
     python bench.py --stages=vlm --vlm_images=8 --compile
+    python bench.py --preset=reference --loader_workers=8
 Every BenchConfig field is a --key=value flag.
 """
 import math
