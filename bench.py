@@ -241,5 +241,6 @@ def main(argv):
           f"trains {feed['needed']:.0f} samples/s of it: {math.ceil(feed['needed'] / feed['per_s'])} worker(s) "
           f"keep it fed")
 
+
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -509,7 +509,7 @@ class SceneViewsDataset(torch.utils.data.Dataset):
             views = np.concatenate([views[:1], nearest[pick]])
         scene = read_views(os.path.join(self.scene_dir, scene_id), views, meta)  # only these views are read
         # uint8 images and int16 class ids travel to the training process (a third of the bytes of float32 and
-        # int64: the DataLoader's shared memory was its bottleneck); train.to_device widens them on the device
+        # int64: the DataLoader's shared memory was its bottleneck); data.to_device widens them on the device
         images = torch.from_numpy(scene["rgb"]).permute(0, 3, 1, 2)  # (V, 3, H, W) uint8
         depth = torch.from_numpy(scene["depth"])  # (V, H, W)
         semantic = torch.from_numpy(semantic_map(scene["instance"], meta["objects"]).astype(np.int16))
@@ -541,7 +541,7 @@ def to_device(batch, device):
 
 def collate_views(items):
     """Stack SceneViewsDataset items: images (B,V,3,H,W) uint8, depth (B,V,H,W), K (B,V,3,3), pose (B,V,4,4),
-    semantic (B,V,H,W) int16, views (B,V) and with a mask context (B,V); `scene` stays a list. train.to_device
+    semantic (B,V,H,W) int16, views (B,V) and with a mask context (B,V); `scene` stays a list. to_device
     makes the images floats in [0, 1] and the class ids int64, as the models take them."""
     batch = {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "scene"}
     batch["scene"] = [item["scene"] for item in items]

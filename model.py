@@ -314,7 +314,7 @@ class GeoBackbone(nn.Module):
 
 def check_images(images, patch_size):
     if not images.is_floating_point():
-        raise ValueError(f"model.py: images must be floats in [0, 1], got {images.dtype} (train.to_device widens "
+        raise ValueError(f"model.py: images must be floats in [0, 1], got {images.dtype} (data.to_device widens "
                          f"the uint8 images of data.collate_views)")
     if images.dim() != 5 or images.shape[2] != 3 or images.shape[-1] % patch_size or images.shape[-2] % patch_size:
         raise ValueError(f"model.py: images must be (B, V, 3, H, W) with H, W multiples of {patch_size}, "

@@ -382,7 +382,7 @@ def tokens_per_image(config, H, W):
 
 def stack_images(images, config, names):
     """List of (N_i, 3, H, W), N_i >= 1, one size for all -> (I, 3, H, W), num_images (B,), tokens per image.
-    uint8 images stay uint8 (training batches: train.to_device widens them on the device), others become float."""
+    uint8 images stay uint8 (training batches: data.to_device widens them on the device), others become float."""
     for x, name in zip(images, names):
         if x.dim() != 4 or x.shape[1] != 3 or len(x) == 0 or x.shape[-2:] != images[0].shape[-2:]:
             raise ValueError(f"vlm.py: record {name!r} field 'images' must be (N >= 1, 3, H, W) with the batch's H, W "
@@ -412,7 +412,7 @@ def check_lengths(records, tokenizer, config, where):
 
 def collate(items, tokenizer, config):
     """data.QADataset items -> a training batch, right-padded (see the file's docstring), its images uint8 as the
-    items carry them (train.to_device widens them). Use as
+    items carry them (data.to_device widens them). Use as
     DataLoader(collate_fn=functools.partial(collate, tokenizer=tokenizer, config=config))."""
     names = [item["id"] for item in items]
     images, num_images, n = stack_images([item["images"] for item in items], config, names)
