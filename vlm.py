@@ -322,7 +322,8 @@ class Spa3RAdapter(nn.Module):
 
     def forward(self, x, latent, num_images):
         """x (I, n, D) visual tokens of I images; latent (B, L, Ds) one per record; num_images (B,) -> (I, n, D)."""
-        index = torch.arange(len(latent), device=x.device).repeat_interleave(num_images)  # (I,) record of each image
+        # (I,) the record of each image; output_size given, so no wait for the GPU to learn the length
+        index = torch.arange(len(latent), device=x.device).repeat_interleave(num_images, output_size=len(x))
         latent = (latent - self.latent_mean) / self.latent_std
         y = self.norm(self.cross_attn(x, self.latent_proj(latent), index))
         return x + self.bottleneck(y) * torch.sigmoid(self.gate(y))
