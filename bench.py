@@ -174,6 +174,8 @@ def loader_rate(dataset, workers, batch_size=16):
     import data
     batches = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                                collate_fn=data.collate_views, pin_memory=torch.cuda.is_available()))
+    if len(dataset) <= workers * batch_size:
+        raise ValueError(f"bench.loader_rate: {len(dataset)} samples give no batch after the {workers} workers' first")
     for _ in range(workers):
         next(batches)
     start, count = time.time(), 0

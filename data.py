@@ -390,10 +390,12 @@ def resize_views(images, depth, semantic, K, res):
 
 
 def as_images(rgb, res=None):
-    """uint8 (N, H, W, 3) -> float32 (N, 3, res, res) in [0, 1] (area filter down, bilinear up)."""
-    images = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
+    """uint8 (N, H, W, 3) -> uint8 (N, 3, res, res) (area filter down, bilinear up, rounded back to 8 bits: the
+    pixels training and evaluation show are the same; data.to_device makes them floats in [0, 1])."""
+    images = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2)  # (N, 3, H, W)
     if res is not None and images.shape[-2:] != (res, res):
-        images = F.interpolate(images, size=(res, res), mode="area" if res < images.shape[-1] else "bilinear")
+        resized = F.interpolate(images.float(), size=(res, res), mode="area" if res < images.shape[-1] else "bilinear")
+        images = resized.round().clamp(0, 255).to(torch.uint8)
     return images
 
 
@@ -424,7 +426,7 @@ class SceneStore:
         return meta, pose
 
     def frames(self, scene_id, frame_indices, res=None, markers=None):
-        """Frames as float32 (N, 3, H, W) in [0, 1]; markers (a record's) are drawn on their images first."""
+        """Frames as uint8 (N, 3, H, W) (as_images); markers (a record's) are drawn on their images first."""
         meta, _ = self.scene_cameras(scene_id, frame_indices)
         rgb = read_views(os.path.join(self.scene_dir, scene_id), frame_indices, meta)["rgb"]  # (N, H, W, 3)
         if markers:
@@ -604,8 +606,6 @@ class QADataset(torch.utils.data.Dataset):
             images = self.store.record_frames(record, self.res, self.markers)
         except ValueError as error:
             raise ValueError(f"{self.path}: record {record['id']!r} (field 'scene' / 'image'): {error}") from None
-        # uint8 to the training process, as SceneViewsDataset's views: a quarter of float32's bytes
-        images = (images * 255).round().to(torch.uint8)
         item = {"id": record["id"], "task": record["task"], "images": images, "question": prompt(record),
                 "answer": record["answer"], "record": record}
         if self.oracle:  # the ablation's oracle arm: true 3D tokens (see oracle_tokens)

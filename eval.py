@@ -226,7 +226,8 @@ def evaluate(records, predictions, train=None):
 
 def predict(model, records, load_frames, batch_size=16, load_oracle=None):
     """One answer per record from model.answer(records, images[, oracle]) a batch at a time, in order. images[i]:
-    load_frames(records[i]), float32 (N_i, 3, H, W) in [0, 1]; oracle[i]: load_oracle(records[i]), the oracle arm's."""
+    load_frames(records[i]), uint8 (N_i, 3, H, W) as data.as_images gives them (or floats in [0, 1]); oracle[i]:
+    load_oracle(records[i]), the oracle arm's."""
     answers = []
     with torch.no_grad():
         for start in tqdm(range(0, len(records), batch_size), desc="eval", unit="batch"):

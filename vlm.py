@@ -388,11 +388,11 @@ def stack_images(images, config, names):
         if x.dim() != 4 or x.shape[1] != 3 or len(x) == 0 or x.shape[-2:] != images[0].shape[-2:]:
             raise ValueError(f"vlm.py: record {name!r} field 'images' must be (N >= 1, 3, H, W) with the batch's H, W "
                              f"{tuple(images[0].shape[-2:])}, got {tuple(x.shape)}")
+    if len({x.dtype == torch.uint8 for x in images}) > 1:  # cat would make floats of 0..255 and 0..1 alike
+        raise ValueError(f"vlm.py: records {names[0]!r}...: field 'images' mixes uint8 and float images")
     n = tokens_per_image(config, *images[0].shape[-2:])
-    images_tensor = torch.cat(images)
-    if images_tensor.dtype != torch.uint8:
-        images_tensor = images_tensor.float()
-    return images_tensor, torch.tensor([len(x) for x in images]), n
+    stacked = torch.cat(images)
+    return (stacked if stacked.dtype == torch.uint8 else stacked.float()), torch.tensor([len(x) for x in images]), n
 
 
 def check_length(length, config, name, where="vlm.py"):
@@ -598,7 +598,7 @@ class SpaVLM(nn.Module):
     @torch.no_grad()
     def answer(self, records, images, max_new_tokens=None, oracle=None):
         """eval.py's contract: records (dicts with "question", read as generate_spar.prompt assembles it),
-        images[i] (N_i, 3, H, W) in [0, 1] (or uint8, as data.QADataset gives them) -> answers,
+        images[i] (N_i, 3, H, W) uint8 (data.as_images) or floats in [0, 1] -> answers,
         decoded greedily with the KV cache, the whole list as one batch. oracle: the oracle arm's
         data.oracle_tokens of each record."""
         device = self.lm.embed_tokens.weight.device

@@ -240,6 +240,8 @@ def test_a_questions_frames_are_read_alone_and_equal_a_whole_scene_read(dataset_
     assert torch.equal(store.frames("scene00000", [1], res=24), data.as_images(whole["rgb"][[1]], 24))
     with pytest.raises(ValueError, match="scene00000.safetensors: frame 99 out of range"):
         store.frames("scene00000", [0, 99])
+    questions = data.QADataset(str(dataset_dir), "train", res=24)  # resized: both sides round to the same 8 bits
+    assert torch.equal(questions[0]["images"], store.record_frames(questions.records[0], 24))
 
 
 def test_spar7m_export_reads_back_as_the_same_training_items(dataset_dir, tmp_path):
@@ -283,11 +285,12 @@ def test_spar7m_rows_keep_their_markers_turn_order_and_words(tmp_path):
         data.from_conversations({**row, "red_point": [[553, 1397]]}, "f:1", "/root")
 
 
-def test_image_files_of_16_bit_png_are_scaled_to_0_1(tmp_path):
+def test_image_files_of_16_bit_png_are_scaled_to_8_bits(tmp_path):
     gray = np.array([[0, 65535], [32768, 65535]], dtype=np.uint16)
     g.write_png(str(tmp_path / "d.png"), gray)
     images = data.as_images(data.read_image_file(str(tmp_path / "d.png"))[None])
-    assert images.shape == (1, 3, 2, 2) and images.max() == 1 and images.min() == 0
+    assert images.shape == (1, 3, 2, 2) and images.dtype == torch.uint8
+    assert images[0, :, 0].tolist() == [[0, 255]] * 3 and images[0, 0, 1, 0] == 127
 
 
 # -----------------------------------------------------------------------------

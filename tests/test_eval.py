@@ -533,7 +533,7 @@ def test_model_mode_reads_a_benchmark_rows_image_files(tmp_path, monkeypatch):
                     model=Sized())
     assert result["model"]["overall"] == 100
     assert [tuple(x.shape) for x in shown] == [(1, 3, 8, 8), (2, 3, 8, 8)]
-    assert shown[1][0].max() == 0 and shown[1][1].min() == 1  # a.png black, b.png white
+    assert shown[1][0].max() == 0 and shown[1][1].min() == 255  # a.png black, b.png white (uint8)
     jpeg = write_jsonl(tmp_path / "jpeg.jsonl", [{**SPAR_ROWS[0], "image": ["c.jpg"]}])
     (tmp_path / "c.jpg").write_bytes(b"\xff\xd8\xff")
     monkeypatch.setitem(sys.modules, "PIL", None)  # as if Pillow were not installed

@@ -268,6 +268,8 @@ def test_bad_inputs_name_the_field():
         collate([{**items[0], "question": "What is in <image>?"}], TOKENIZER, model.config)
     with pytest.raises(ValueError, match="record 'q1' field 'images'"):
         collate([items[0], {**items[1], "images": torch.rand(1, 3, 64, 64)}], TOKENIZER, model.config)
+    with pytest.raises(ValueError, match="field 'images' mixes uint8 and float images"):
+        collate([items[0], {**items[1], "images": (items[1]["images"] * 255).to(torch.uint8)}], TOKENIZER, model.config)
     with pytest.raises(ValueError, match="multiples of patch_size x pixel_shuffle = 16"):
         collate([{**items[0], "images": torch.rand(1, 3, 40, 40)}], TOKENIZER, model.config)
     with pytest.raises(ValueError, match="tokenizer has 400 tokens, LMConfig.vocab_size is 300"):
