@@ -476,7 +476,8 @@ class SceneViewsDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_dir, split="train", num_views=4, res=None, seed=0, samples_per_scene=1,
                  view_sampling="random", mask_ratio=None):
-        self.scene_dir, self.cameras = os.path.join(data_dir, "scenes"), {}  # scene id -> (its json, every pose)
+        self.store = SceneStore(data_dir)  # keeps each scene's json and poses: choosing views needs every pose
+        self.scene_dir = self.store.scene_dir
         self.ids = scene_ids(data_dir, split)
         if not self.ids:
             raise ValueError(f"{data_dir}: no scenes in split '{split}'")
@@ -486,18 +487,12 @@ class SceneViewsDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def scene_cameras(self, scene_id):
-        """A scene's json and poses, kept: they are small, and choosing views needs every pose."""
-        if scene_id not in self.cameras:
-            self.cameras[scene_id] = scene_cameras(os.path.join(self.scene_dir, scene_id))
-        return self.cameras[scene_id]
-
     def __len__(self):
         return len(self.ids) * self.samples_per_scene
 
     def __getitem__(self, index):
         scene_id = self.ids[index % len(self.ids)]
-        meta, pose = self.scene_cameras(scene_id)
+        meta, pose = self.store.scene_cameras(scene_id)
         total = len(pose)
         if total < self.num_views:
             raise ValueError(f"{scene_id}: has {total} views, {self.num_views} requested")

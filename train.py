@@ -961,7 +961,7 @@ def psfm_stage_gates(stage, cfg, run):
     rows = psfm_gates(stage.model, gate_batches(stage, stage.val_set, cfg, run))
     # probes on overlapping views: how one camera sits relative to another is only knowable when they overlap
     probe_train, probe_val = view_datasets(replace(cfg, view_sampling="near"), stage.model.backbone.config.image_size)
-    rooms_of = lambda batch: [probe_val.scene_cameras(s)[0] for s in batch["scene"]]
+    rooms_of = lambda batch: [probe_val.store.scene_cameras(s)[0] for s in batch["scene"]]
     return rows + probe_gates(stage.model, gate_batches(stage, probe_train, cfg, run, cfg.probe_samples),
                               gate_batches(stage, probe_val, cfg, run), rooms_of, cfg.seed)
 
