@@ -92,6 +92,15 @@ def rope_cos_sin(positions, head_dim, base):
     return angles.cos(), angles.sin()
 
 
+def position_embedding(positions, dim, base):
+    """positions (T, 2) -> (T, dim) fixed sin-cos features of (row, col), added to the patch embeddings as DINO adds
+    its learned ones. RoPE alone moves only attention scores, never a token's content: without this no token can
+    tell where in the image it sits, and the camera head cannot read a view's turn from where its content moved."""
+    freqs = base ** (-torch.arange(dim // 4, device=positions.device) / (dim // 4))
+    angles = positions[:, :, None] * freqs  # (T, 2, dim / 4)
+    return torch.cat([angles.sin(), angles.cos()], -1).flatten(1)  # (T, dim)
+
+
 def rms_norm(norm, x):
     """nn.RMSNorm `norm` in x's dtype: under bf16 autocast its fp32 weight would send a bf16 x down an unfused,
     fp32 path (several kernels and two casts per call, a fifth of a step's GPU time on CUDA)."""
@@ -194,6 +203,8 @@ class ViT(nn.Module):
         """images (B, 3, H, W) in [0, 1] -> tokens (B, R + N, D): registers, then patches row-major."""
         c = self.config
         x = self.patch_embed(images * 2 - 1).flatten(2).transpose(1, 2)  # (B, N, D)
+        grid = grid_positions(images.shape[-2] // c.patch_size, images.shape[-1] // c.patch_size, 0, x.device)
+        x = x + position_embedding(grid, c.dim, c.rope_base).to(x.dtype)  # (B, N, D)
         x = torch.cat([self.registers.expand(len(x), -1, -1), x], 1)  # (B, R + N, D)
         pos = grid_positions(images.shape[-2] // c.patch_size, images.shape[-1] // c.patch_size,
                              c.num_registers, x.device)

@@ -777,6 +777,12 @@ def per_sample(errors, valid):
     return (errors * valid).sum(dims) / valid.sum(dims).clamp_min(1)
 
 
+def heading(pose):
+    """Yaw of each camera's optical axis in view 0's frame (OpenCV: x right, z forward), radians: (..., 4, 4) -> (...)."""
+    forward = pose[..., :3, 2]
+    return torch.atan2(forward[..., 0], forward[..., 2])
+
+
 @torch.no_grad()
 def geo_gates(model, batches):
     """Held-out pose errors (views 1.., view 0 is the identity by definition) vs the identity pose, and log-depth
@@ -790,6 +796,8 @@ def geo_gates(model, batches):
         for name, estimate in (("model", pose), ("identity", identity)):
             errors.setdefault(f"translation/{name}", []).append((estimate[..., :3, 3] - target[..., :3, 3]).abs().mean((1, 2)))
             errors.setdefault(f"rotation/{name}", []).append((estimate[..., :3, :3] - target[..., :3, :3]).abs().mean((1, 2, 3)))
+            turn = heading(estimate) - heading(target)  # wrapped to (-pi, pi] before its size is taken
+            errors.setdefault(f"yaw/{name}", []).append(torch.atan2(turn.sin(), turn.cos()).abs().rad2deg().mean(1))
         depth.append(batch["depth"].clamp_min(1e-6).log())
         valid.append(batch["depth"] > 0)
         predicted.append(pred["log_depth"].float())
@@ -798,6 +806,7 @@ def geo_gates(model, batches):
     mean_map = (depth * valid).sum((0, 1)) / valid.sum((0, 1)).clamp_min(1)  # (H, W) over samples and views
     return [gate_row("geo: translation L1 (m)", e["translation/model"], e["translation/identity"], "identity pose"),
             gate_row("geo: rotation L1", e["rotation/model"], e["rotation/identity"], "identity pose"),
+            gate_row("geo: relative yaw error (deg)", e["yaw/model"], e["yaw/identity"], "identity pose"),
             gate_row("geo: log-depth L1", per_sample((predicted - depth).abs(), valid).cpu(),
                      per_sample((mean_map - depth).abs(), valid).cpu(), "per-pixel mean depth")]
 
@@ -845,8 +854,7 @@ def probe_targets(batch, rooms):
     """(B, 5) quantities the latent should hold: log floor area; cos and sin of view 1's heading in view 0's
     frame and the distance between their cameras; the distance from view 0's camera to the largest object."""
     pose = relative_to_view0(batch["pose"]).cpu()
-    forward = pose[:, 1, :3, 2]  # view 1's optical axis in view 0's camera (x right, z forward)
-    yaw = torch.atan2(forward[:, 0], forward[:, 2])
+    yaw = heading(pose[:, 1])  # view 1's heading in view 0's camera
     world = batch["pose"].cpu()
     rows = []
     for b, room in enumerate(rooms):

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import model
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import (Attention, GeoBackbone, GeoConfig, apply_rope, flops_per_sample, geo_loss, grid_positions,
-                   relative_to_view0, rope_cos_sin, rotation_from_6d)
+from model import (ViT, Attention, GeoBackbone, GeoConfig, apply_rope, flops_per_sample, geo_loss, grid_positions,
+                   position_embedding, relative_to_view0, rope_cos_sin, rotation_from_6d)
 
 
 # ----------------------------------------------------------------------------- synthetic scenes
@@ -118,6 +119,25 @@ def test_rope_scores_depend_only_on_position_difference():
     assert not torch.allclose(scores(pos), scores(pos * 2), atol=1e-3)
     cos, sin = rope_cos_sin(torch.zeros(5, 2), 16, 100.0)  # position (0, 0) leaves a token as it is
     assert torch.equal(apply_rope(q, cos, sin), q)
+
+
+def test_a_flat_image_patch_tokens_know_where_they_sit(monkeypatch):
+    """Every patch of a one-colour image looks the same. RoPE moves attention scores, not content: without the
+    position embedding only the registers' position-dependent scores tell the patch tokens apart (a little);
+    with it they differ by far more."""
+    embed = position_embedding(grid_positions(4, 4, 0), 64, 100.0)  # (16, 64)
+    rows = grid_positions(4, 4, 0)[:, :1]
+    assert torch.allclose(embed[:, :16], (rows * 100.0 ** (-torch.arange(16) / 16)).sin())  # by the formula
+    assert (torch.cdist(embed, embed) + torch.eye(16)).min() > 0.1  # every position its own embedding
+
+    def spread():  # mean distance between the patch tokens of a flat image
+        torch.manual_seed(0)
+        with torch.no_grad():
+            patches = ViT(GeoConfig()).eval()(torch.full((1, 3, 32, 32), 0.4))[0, GeoConfig().num_registers:]
+        return torch.cdist(patches, patches).mean()
+    with_embedding = spread()
+    monkeypatch.setattr(model, "position_embedding", lambda positions, dim, base: torch.zeros(len(positions), dim))
+    assert with_embedding > 4 * spread()
 
 
 def test_grid_positions_row_major_after_special_tokens():
