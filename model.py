@@ -5,7 +5,7 @@ and predicts every view's depth and camera. No such weights can be downloaded he
 its own small one on the generator's ground truth, in the same role, then freezes it for psfm.py.
 
 Reading order:
-  2D RoPE -> Attention (QK-norm, one scaled_dot_product_attention call) -> MLP -> Block (pre-norm)
+  2D RoPE, position embedding -> Attention (QK-norm, one scaled_dot_product_attention call) -> MLP -> Block (pre-norm)
   ViT          one image -> register + patch tokens (the per-view encoder; vlm.py can reuse it alone)
   GeoBackbone  ViT on every view, then alternating frame-wise / global blocks; depth and camera heads
   geo_loss     the stage-`geo` objective
@@ -94,8 +94,9 @@ def rope_cos_sin(positions, head_dim, base):
 
 def position_embedding(positions, dim, base):
     """positions (T, 2) -> (T, dim) fixed sin-cos features of (row, col), added to the patch embeddings as DINO adds
-    its learned ones. RoPE alone moves only attention scores, never a token's content: without this no token can
-    tell where in the image it sits, and the camera head cannot read a view's turn from where its content moved."""
+    its learned ones. RoPE moves attention scores, never a token's content: without this a token hardly knows
+    where in the image it sits (only its scores against the registers differ), so the camera head can hardly read
+    a view's turn from where its content moved."""
     freqs = base ** (-torch.arange(dim // 4, device=positions.device) / (dim // 4))
     angles = positions[:, :, None] * freqs  # (T, 2, dim / 4)
     return torch.cat([angles.sin(), angles.cos()], -1).flatten(1)  # (T, dim)

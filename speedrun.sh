@@ -62,7 +62,7 @@ case $SIZE in
     DATA="--scenes=1000 --val_scenes=200 --views=12 --random_views=4 --res=32 --qa_per_task=1 --vocab_size=1024 --workers=2"
     COMMON="--preset=tiny --log_every=100 --eval_every=100000 --eval_samples=192 --save_every=100000"
     GEO="--steps=10000 --batch_size=16"; PSFM="--steps=4000"; VLM="--steps=400 --batch_size=32"; SEEDS=3 ;;
-  gpu)  # H200, eager: geo 173, psfm 91, vlm 90 samples/s at batch 32 -> 5 + 9 + 9 x 2.4 min of steps
+  gpu)  # H200, eager: geo 173 (4 views; pairs cost less), psfm 91, vlm 90 samples/s at batch 32 -> at most 5 + 9 + 9 x 2.4 min
     DATA="--scenes=512 --val_scenes=32 --res=224 --workers=8"
     COMMON="--preset=reference --workers=8 --log_every=20 --eval_every=100000 --eval_samples=512 --save_every=500"
     GEO="--steps=1500 --batch_size=32"; PSFM="--steps=1500 --batch_size=32"; VLM="--steps=400 --batch_size=32"; SEEDS=3 ;;

@@ -28,7 +28,7 @@ def test_speedrun_test_size_writes_a_consistent_report(tmp_path):
         assert float(row.split(" | ")[3]) == round(result["model"]["overall"], 2)
     # every stage and every VLM run has gate rows with a verdict (the VLMs: images or latent, and score vs chance)
     gates = [line for line in report.splitlines() if line.endswith(("| PASS |", "| FAIL |"))]
-    for run, count in (("geo", 3), ("psfm", 8), ("baseline seed 0", 2), ("Spa3-VLM seed 0", 2), ("oracle seed 0", 2)):
+    for run, count in (("geo", 4), ("psfm", 8), ("baseline seed 0", 2), ("Spa3-VLM seed 0", 2), ("oracle seed 0", 2)):
         assert sum(line.startswith(f"| {run} |") for line in gates) == count, run
     assert "no gate measured" not in report
     # every task of the held-out questions has a row in the per-task table
