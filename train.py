@@ -403,7 +403,7 @@ def build_vlm(cfg, models):
     collate = partial(vlm.collate, tokenizer=tokenizer, config=config)
     for dataset in (train_set, val_set):  # now, not as a DataLoader worker's traceback at some later step
         vlm.check_lengths(dataset.records, tokenizer, config, dataset.path)
-    if cfg.spa3r == "psfm" and len(train_set):  # the adapter's fixed standardisation of the frozen latent
+    if cfg.spa3r != "none" and len(train_set):  # the adapter's fixed standardisation of what it reads
         picks = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))[:256].tolist()
         model.set_latent_statistics(to_device(collate([train_set[i] for i in picks[k:k + 32]]), torch.device("cpu"))
                                     for k in range(0, len(picks), 32))

@@ -296,21 +296,29 @@ class CrossAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(I, n, D))
 
 
+def latent_shape(config):
+    """(L, Ds) of what the adapter reads: Spa3R's latent, or the oracle's true 3D tokens."""
+    if config.spa3r == "psfm":
+        return config.psfm.num_queries, config.psfm.dim
+    return 1 + ORACLE_CAMERAS + ORACLE_OBJECTS, ORACLE_DIM
+
+
 class Spa3RAdapter(nn.Module):
     """The paper's spatial branch (hustvl/Spa3R, spa3_vlm/model/spa3_vlm.py): latent -> projector
     (Linear-GELU-Linear to the LM width); each visual token cross-attends to it; LayerNorm; bottleneck MLP
     (width / 4) times a sigmoid gate; added back to the visual token. The bottleneck's last Linear starts at
     zero, so at initialisation the adapter is the identity and Spa3-VLM is exactly the plain VLM.
 
-    One addition: the frozen latent is first standardised per channel with fixed statistics of the training
-    data (set_latent_statistics; identity until set). A small Spa3R's latent varies little from scene to scene
-    next to what all scenes share; unstandardised, the projector learns the shared part, the cross-attention
-    output then differs between scenes only in scale, and the LayerNorm after it erases that."""
+    One addition: what the adapter reads is first standardised, each latent slot's each channel, with fixed
+    statistics of the training records (set_latent_statistics; identity until set). A small Spa3R's latent (and
+    the oracle's tokens) vary little from scene to scene next to how the slots differ; unstandardised, the
+    projector learns the shared part, the cross-attention output then differs between scenes along its own mean
+    direction, and the LayerNorm after it erases that. Standardised per slot, only what tells scenes apart is left."""
 
-    def __init__(self, latent_dim, dim, num_heads):
+    def __init__(self, latent_tokens, latent_dim, dim, num_heads):
         super().__init__()
-        self.register_buffer("latent_mean", torch.zeros(latent_dim))
-        self.register_buffer("latent_std", torch.ones(latent_dim))
+        self.register_buffer("latent_mean", torch.zeros(latent_tokens, latent_dim))
+        self.register_buffer("latent_std", torch.ones(latent_tokens, latent_dim))
         self.latent_proj = MLP(latent_dim, dim, dim)
         self.cross_attn = CrossAttention(dim, num_heads)
         self.norm = nn.LayerNorm(dim)
@@ -505,7 +513,7 @@ class SpaVLM(nn.Module):
             self.spa3r = PSFM(c.psfm, GeoBackbone(c.geo)).requires_grad_(False)
             self.spa3r.encoder.requires_grad_(not c.freeze_spa3r)  # the decoder and heads are never used here
         if c.spa3r != "none":
-            self.adapter = Spa3RAdapter(c.psfm.dim if c.spa3r == "psfm" else ORACLE_DIM, c.lm.dim, c.lm.n_heads)
+            self.adapter = Spa3RAdapter(*latent_shape(c), c.lm.dim, c.lm.n_heads)
 
     def init_from_psfm(self, state):
         """Start from a stage-`psfm` checkpoint (a PSFM state dict): the vision ViT copies the geometry backbone's
@@ -533,9 +541,9 @@ class SpaVLM(nn.Module):
 
     @torch.no_grad()
     def set_latent_statistics(self, batches):
-        """The adapter's fixed standardisation: per-channel mean and std of the latent over these batches
-        (collate batches of training records), over records and latent tokens."""
-        latents = torch.cat([self.latent(b).flatten(0, 1).float() for b in batches])  # (records * L, Ds)
+        """The adapter's fixed standardisation: mean and std of each latent slot's each channel over the records
+        of these batches (collate batches of training records)."""
+        latents = torch.cat([self.latent(b).float() for b in batches])  # (records, L, Ds)
         self.adapter.latent_mean.copy_(latents.mean(0))
         self.adapter.latent_std.copy_(latents.std(0).clamp_min(1e-3))
 
@@ -733,7 +741,7 @@ def flops_per_sample(config, num_images, text_tokens, training=False):
         parts["spa3r_backbone"] = geo_flops_per_sample(g, num_images)
         parts["spa3r_encoder"] = 2 * num_images * n * g.dim * p.dim + p.encoder_depth * block_flops(p.dim, p.mlp_ratio, S, S)
     if c.spa3r != "none":
-        L, Ds = (c.psfm.num_queries, c.psfm.dim) if c.spa3r == "psfm" else (1 + ORACLE_CAMERAS + ORACLE_OBJECTS, ORACLE_DIM)
+        L, Ds = latent_shape(c)
         per_record = 2 * L * (Ds * D + D * D) + 2 * L * D * 2 * D  # latent projector, keys and values
         per_token = 2 * D * D * 3 + 2 * 2 * D * (D // 4) + 4 * L * D  # q, out, gate; bottleneck; attention
         parts["adapter"] = per_record + num_images * n_vis * per_token

@@ -533,7 +533,7 @@ def test_heading_is_the_turn_to_the_right_whatever_the_pitch():
     """A camera turned 90 degrees to the right (about its down axis) looks along view 0's +x: heading +90. Pitched
     down 30 degrees first and then turned 40 degrees right (camera-to-view-0 = turn @ pitch), its heading is 40."""
     def about(axis, degrees):
-        a, c, s = math.radians(degrees), math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+        c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
         pose = torch.eye(4)
         pose[:3, :3] = {"y": torch.tensor([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
                         "x": torch.tensor([[1, 0, 0], [0, c, -s], [0, s, c]])}[axis]

@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models
 
@@ -526,10 +527,11 @@ def test_tiny_vlm_memorises_eight_qa_pairs():
 
 
 def oracle_items():
-    """Four records alike in question and (blank) images, whose answers only their oracle tokens tell apart."""
+    """Four records alike in question and (blank) images, whose answers only their oracle tokens tell apart (5 rows
+    of random numbers, the unused rows zero as data.oracle_tokens leaves them)."""
     g = torch.Generator().manual_seed(0)
     return [{"id": f"o{i}", "task": "t", "images": torch.zeros(1, 3, 32, 32), "question": QA[0][0], "answer": answer,
-             "record": {"scene": f"scene{i}"}, "oracle": torch.randn(5, vlm.ORACLE_DIM, generator=g)}
+             "record": {"scene": f"scene{i}"}, "oracle": F.pad(torch.randn(5, vlm.ORACLE_DIM, generator=g), (0, 0, 0, vlm.ORACLE_CAMERAS + vlm.ORACLE_OBJECTS - 4))}
             for i, answer in enumerate(["1.25", "3.4", "0.87", "2.1"])]
 
 
@@ -539,7 +541,8 @@ def test_oracle_arm_reads_its_tokens_and_the_latent_swap_gate_sees_it():
     assert model.spa3r is None and model.adapter.latent_proj.fc1.in_features == vlm.ORACLE_DIM
     items = oracle_items()
     batch = collate(items, TOKENIZER, model.config)
-    assert batch["oracle"].shape == (4, 5, vlm.ORACLE_DIM) and batch["scenes"] == ["scene0", "scene1", "scene2", "scene3"]
+    assert batch["oracle"].shape == (4, *vlm.latent_shape(model.config)) and batch["scenes"] == ["scene0", "scene1", "scene2", "scene3"]
+    model.set_latent_statistics([batch])  # as train.build_vlm does for either arm with an adapter
     gate = train.vlm_gates(model, [batch])[0]  # zero-init adapter: the latent changes nothing yet
     assert gate["baseline_name"] == "another scene's latent" and gate["diff"] == 0 and not gate["pass"]
     opt = torch.optim.AdamW(model.param_groups({k: 3e-3 for k in LRS}, 0.0))
@@ -572,13 +575,14 @@ def test_record_losses_average_each_records_answer_tokens():
 def test_latent_statistics_standardise_the_frozen_latent():
     model = tiny_vlm()
     batch = collate(qa_items(), TOKENIZER, model.config)
-    assert torch.equal(model.adapter.latent_mean, torch.zeros(64)) and torch.equal(model.adapter.latent_std, torch.ones(64))
+    assert torch.equal(model.adapter.latent_mean, torch.zeros(16, 64)) and torch.equal(model.adapter.latent_std, torch.ones(16, 64))
     model.set_latent_statistics([batch])
     with torch.no_grad():
-        latent = model.spatial_latent(batch["images"], batch["num_images"]).flatten(0, 1)  # (8 records * 16, 64)
+        latent = model.spatial_latent(batch["images"], batch["num_images"])  # (8 records, 16 slots, 64)
     standardised = (latent - model.adapter.latent_mean) / model.adapter.latent_std
-    assert torch.allclose(standardised.mean(0), torch.zeros(64), atol=1e-4)
-    assert torch.allclose(standardised.std(0), torch.ones(64), atol=1e-3)
+    # each slot's each channel: mean 0 and std 1 over the records (per channel alone, slots would differ)
+    assert torch.allclose(standardised.mean(0), torch.zeros(16, 64), atol=1e-4)
+    assert torch.allclose(standardised.std(0), torch.ones(16, 64), atol=1e-3)
     assert "adapter.latent_mean" in model.state_dict()  # saved with the checkpoint, as eval must use the same
 
 
