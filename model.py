@@ -203,12 +203,11 @@ class ViT(nn.Module):
     def forward(self, images):
         """images (B, 3, H, W) in [0, 1] -> tokens (B, R + N, D): registers, then patches row-major."""
         c = self.config
-        x = self.patch_embed(images * 2 - 1).flatten(2).transpose(1, 2)  # (B, N, D)
-        grid = grid_positions(images.shape[-2] // c.patch_size, images.shape[-1] // c.patch_size, 0, x.device)
-        x = x + position_embedding(grid, c.dim, c.rope_base).to(x.dtype)  # (B, N, D)
-        x = torch.cat([self.registers.expand(len(x), -1, -1), x], 1)  # (B, R + N, D)
         pos = grid_positions(images.shape[-2] // c.patch_size, images.shape[-1] // c.patch_size,
-                             c.num_registers, x.device)
+                             c.num_registers, images.device)  # (R + N, 2): registers at (0, 0)
+        x = self.patch_embed(images * 2 - 1).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = x + position_embedding(pos[c.num_registers:], c.dim, c.rope_base).to(x.dtype)
+        x = torch.cat([self.registers.expand(len(x), -1, -1), x], 1)  # (B, R + N, D)
         rope = rope_cos_sin(pos, c.dim // c.num_heads, c.rope_base)
         for block in self.blocks:
             x = block(x, rope)
