@@ -77,7 +77,7 @@ class TrainConfig:
     view_sampling: str = "near"  # geo, psfm: near = views near a random view 0 (they overlap); random = any
     lr: float = 2e-3            # geo, psfm: peak learning rate
     lr_lm: float = 2e-3         # vlm: per-module peak learning rates
-    lr_vision: float = 5e-4
+    lr_vision: float = 5e-4     # only used with --vlm.freeze_vision=false
     lr_projector: float = 2e-3
     lr_adapter: float = 2e-3
     lr_spa3r: float = 5e-4      # only used with --vlm.freeze_spa3r=false

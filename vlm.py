@@ -468,7 +468,8 @@ class VLMConfig:
     spa3r: str = "psfm"         # "psfm": Spa3-VLM; "none": the baseline VLM (no Spa3R, no adapter, all else equal);
                                 # "oracle": the adapter reads true 3D tokens (data.oracle_tokens) instead of a latent
     freeze_spa3r: bool = True   # as the paper; False trains the Spa3R encoder too (its backbone stays frozen)
-    freeze_vision: bool = False
+    freeze_vision: bool = True  # as the paper (tune_mm_vision False): the vision ViT keeps the geo backbone's
+                                # weights, so the LM must get 3D from the latent, not by retraining its eyes
     pixel_shuffle: int = 2      # s: visual tokens per image = (H / patch / s) * (W / patch / s)
     max_new_tokens: int = 32    # answer length cap for answer()
 
