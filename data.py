@@ -583,12 +583,14 @@ def oracle_tokens(meta, poses, record):
 
 class QADataset(torch.utils.data.Dataset):
     """Item: {"id", "task", "images" (N,3,H,W) uint8 with the question's markers drawn, "question", "answer",
-    "record"}, and with oracle=True "oracle" (oracle_tokens). The chat template and tokenisation belong to vlm.py."""
+    "record"}, and with oracle=True "oracle" (oracle_tokens); "latent" once `latents` (records, L, Ds) is set
+    (train.py --cache_latent). The chat template and tokenisation belong to vlm.py."""
 
     def __init__(self, data_dir, split="train", res=None, markers=True, oracle=False, tasks=()):
         self.path = os.path.join(data_dir, f"qa_{split}.jsonl")
         self.records = [r for r in load_qa_jsonl(self.path) if not tasks or r["task"] in tasks]
         self.store, self.res, self.markers, self.oracle = SceneStore(data_dir), res, markers, oracle
+        self.latents = None
 
     def __len__(self):
         return len(self.records)
@@ -608,6 +610,8 @@ class QADataset(torch.utils.data.Dataset):
                 raise ValueError(f"{self.path}: record {record['id']!r}: the oracle arm needs a scene's ground truth; "
                                  f"this record has only image files")
             item["oracle"] = self.store.oracle(record)
+        if self.latents is not None:
+            item["latent"] = self.latents[index]
         return item
 
 

@@ -66,7 +66,10 @@ class TrainConfig:
     overwrite: bool = False     # start over in an --out that holds a checkpoint (refused without this or --resume)
     init_geo: str = ""          # psfm, and vlm with --spa3r=none: the geo checkpoint; empty: out/geo; "none": random
     init_spa3r: str = ""        # vlm: the psfm checkpoint (Spa3R and the vision ViT's start); empty: out/psfm
-    spa3r: str = "psfm"         # vlm: psfm = Spa3-VLM; none = the baseline without the spatial branch; oracle = true 3D
+    spa3r: str = "psfm"         # vlm: psfm = Spa3-VLM; none = the baseline without the spatial branch; oracle = true 3D;
+                                # random = Spa3-VLM with its Spa3R encoder re-initialised (the control for PSFM pretraining)
+    cache_latent: bool = False  # vlm, psfm | random: each record's frozen Spa3R latent computed once before training,
+                                # not at every step (holds records x L x Ds floats: for small sets trained many epochs)
     init_lm: str = ""           # vlm: start the LM (and its tokenizer) from this local Llama-architecture checkpoint
     steps: int = 600            # optimizer steps
     batch_size: int = 8         # global batch (samples per optimizer step), the same for any number of processes
@@ -136,7 +139,7 @@ def stage_config(argv, stage, preset, all_stages):
     cfg.data = cfg.data or DATA_DEFAULTS[preset]["out"]
     cfg.init_geo = cfg.init_geo or os.path.join(root, "geo")
     cfg.init_spa3r = cfg.init_spa3r or os.path.join(root, "psfm")
-    for name, allowed in (("view_sampling", ("near", "random")), ("spa3r", ("psfm", "none", "oracle"))):
+    for name, allowed in (("view_sampling", ("near", "random")), ("spa3r", ("psfm", "random", "none", "oracle"))):
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     for name in ("steps", "batch_size", "log_every", "save_every", "num_views") + (("eval_samples",) if cfg.eval_every else ()):
@@ -376,13 +379,16 @@ def task_list(tasks):
 
 def build_vlm(cfg, models):
     if models["vlm"].spa3r != "psfm":
-        raise SystemExit("--vlm.spa3r: use --spa3r=psfm|none|oracle (it also decides which checkpoint the VLM starts from)")
+        raise SystemExit("--vlm.spa3r: use --spa3r=psfm|random|none|oracle (it also decides which checkpoint the VLM starts from)")
+    if cfg.cache_latent and (cfg.spa3r not in ("psfm", "random") or not models["vlm"].freeze_spa3r):
+        raise SystemExit("--cache_latent needs --spa3r=psfm or random with the frozen Spa3R encoder (--vlm.freeze_spa3r=true)")
+    arm = "psfm" if cfg.spa3r == "random" else cfg.spa3r  # the control is Spa3-VLM's model, its encoder untrained
     if cfg.init_lm:  # a pretrained LM (SmolLM class): its weights, its tokenizer with the chat's special tokens
         pretrained_lm, tokenizer = vlm.load_llama(cfg.init_lm)
     else:
         tokenizer = data.load_tokenizer(os.path.join(cfg.data, "tokenizer.json"))
     start = None  # where the vision ViT (and Spa3R) start: the psfm checkpoint, else the geo backbone
-    if cfg.spa3r == "psfm":
+    if arm == "psfm":
         start = load_psfm(cfg.init_spa3r)
         geo_config, psfm_config = start.backbone.config, start.config
     elif cfg.init_geo != "none":  # the baseline keeps the same vision ViT start, from the geo backbone
@@ -393,11 +399,17 @@ def build_vlm(cfg, models):
     lm_config = pretrained_lm.config if cfg.init_lm else models["lm"]
     if lm_config.vocab_size is None:  # no --lm.vocab_size: the data's tokenizer decides, rounded up to 64s
         lm_config = replace(lm_config, vocab_size=64 * math.ceil(tokenizer.get_vocab_size() / 64))
-    config = replace(models["vlm"], lm=lm_config, geo=geo_config, psfm=psfm_config, spa3r=cfg.spa3r)
+    config = replace(models["vlm"], lm=lm_config, geo=geo_config, psfm=psfm_config, spa3r=arm)
     torch.manual_seed(cfg.seed)
     model = vlm.SpaVLM(config, tokenizer, pretrained_lm if cfg.init_lm else None)
     if start is not None:
-        model.init_from_psfm({("backbone." if cfg.spa3r != "psfm" else "") + k: v for k, v in start.state_dict().items()})
+        model.init_from_psfm({("backbone." if arm != "psfm" else "") + k: v for k, v in start.state_dict().items()})
+    if cfg.spa3r == "random":  # a fresh encoder, as PSFM starts one, on its own seed: all else stays as in psfm
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            untrained = Spa3REncoder(psfm_config, geo_config.dim)
+            untrained.apply(init_weights)
+        model.spa3r.encoder.load_state_dict(untrained.state_dict())
     train_set, val_set = (data.QADataset(cfg.data, split, geo_config.image_size, oracle=cfg.spa3r == "oracle",
                                          tasks=task_list(cfg.tasks)) for split in ("train", "val"))
     collate = partial(vlm.collate, tokenizer=tokenizer, config=config)
@@ -409,6 +421,22 @@ def build_vlm(cfg, models):
                                     for k in range(0, len(picks), 32))
     return Stage("vlm", model, asdict(config), param_groups(model, cfg), train_set, val_set, collate,
                  files={"tokenizer.json": tokenizer.to_str()}, **stage_functions("vlm", model, cfg))
+
+
+@torch.no_grad()
+def cache_latents(stage, run, batch_size=32):
+    """--cache_latent: each record's latent from the frozen Spa3R, computed once on the device into its data set
+    (the items then carry it, and SpaVLM.latent reads it) instead of at every step: the latent depends on the
+    record's images alone, and the speedrun shows each record a dozen times."""
+    model = stage.model
+    for dataset in (stage.train_set, stage.val_set):
+        latents = []
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = to_device(stage.collate(items), run.device)
+            with run.autocast:
+                latents.append(model.spatial_latent(batch["images"], batch["num_images"]).float().cpu())
+        dataset.latents = torch.cat(latents) if latents else None
 
 
 BUILDERS = {"geo": build_geo, "psfm": build_psfm, "vlm": build_vlm}
@@ -1022,6 +1050,11 @@ def train_stage(cfg, models, rank, world, device):
         start = saved["step"] if saved else 0
         log = Log(cfg.out, rank, start, device, saved and saved.get("unlogged"))
         log_header(log, cfg, stage, run, saved)
+        if cfg.cache_latent and start < cfg.steps:
+            began = time.time()
+            cache_latents(stage, run)
+            log.line(f"{cfg.stage}: --cache_latent: the latents of {len(stage.train_set)} + {len(stage.val_set)} "
+                     f"records computed in {time.time() - began:.1f} s")
         if start < cfg.steps:
             run_steps(cfg, stage, run, optimizer, log, start)
         else:

@@ -436,8 +436,9 @@ def collate(items, tokenizer, config):
         targets[i, :len(ids)] = torch.tensor(next_token_targets(ids, on_answer))
     batch = {"input_ids": input_ids, "targets": targets, "images": images, "num_images": num_images, "ids": names,
              "scenes": [item.get("record", {}).get("scene") for item in items]}
-    if "oracle" in items[0]:  # the oracle arm's true 3D tokens (data.oracle_tokens), one set per record
-        batch["oracle"] = torch.stack([item["oracle"] for item in items])
+    for key in ("oracle", "latent"):  # the oracle arm's true 3D tokens (data.oracle_tokens); a cached latent
+        if key in items[0]:
+            batch[key] = torch.stack([item[key] for item in items])
     return batch
 
 
@@ -551,8 +552,8 @@ class SpaVLM(nn.Module):
     def latent(self, batch):
         """What each record's visual tokens read through the adapter (B, L, Ds): Spa3R's latent of its images,
         or the oracle's true 3D tokens; None for the baseline."""
-        if self.config.spa3r == "psfm":
-            return self.spatial_latent(batch["images"], batch["num_images"])
+        if self.config.spa3r == "psfm":  # the batch carries it when train.py --cache_latent computed it once
+            return batch["latent"] if "latent" in batch else self.spatial_latent(batch["images"], batch["num_images"])
         return batch["oracle"] if self.config.spa3r == "oracle" else None
 
     def visual_tokens(self, images, num_images, latent=None):

@@ -17,18 +17,22 @@ def test_speedrun_test_size_writes_a_consistent_report(tmp_path):
                    capture_output=True, env=env, cwd=ROOT, timeout=600)
     report = (out / "report.md").read_text()
     val = [json.loads(line) for line in open(out / "data" / "qa_val.jsonl")]
-    arms = {"baseline": "none", "Spa3-VLM": "psfm", "oracle": "oracle"}
+    arms = {"baseline": "none", "Spa3-VLM": "psfm", "random Spa3R": "random", "oracle": "oracle"}
     results = {name: json.load(open(out / f"vlm_{arm}_s0" / "eval.json")) for name, arm in arms.items()}
     for result in results.values():
         assert result["n_questions"] == len(val) and result["n_missing"] == 0
     # the ablation table carries each arm's overall score, the baseline first
-    rows = [line for line in report.splitlines() if re.match(r"\| (baseline|Spa3-VLM|oracle) \| 1 \|", line)]
+    ablation, pretraining = report.split("## The ablation")[1].split("## PSFM pretraining")
+    rows = [line for line in ablation.splitlines() if re.match(r"\| (baseline|Spa3-VLM|random Spa3R|oracle) \| 1 \|", line)]
     assert [row.split(" | ")[0][2:] for row in rows] == list(arms)
     for row, result in zip(rows, results.values()):
         assert float(row.split(" | ")[3]) == round(result["model"]["overall"], 2)
+    # the control table compares Spa3-VLM with the untrained encoder, not with the baseline
+    assert "| random Spa3R | 1 |" in pretraining and "- Spa3-VLM vs random Spa3R: overall" in pretraining
     # every stage and every VLM run has gate rows with a verdict (the VLMs: images or latent, and score vs chance)
     gates = [line for line in report.splitlines() if line.endswith(("| PASS |", "| FAIL |"))]
-    for run, count in (("geo", 4), ("psfm", 8), ("baseline seed 0", 2), ("Spa3-VLM seed 0", 2), ("oracle seed 0", 2)):
+    for run, count in (("geo", 4), ("psfm", 8), ("baseline seed 0", 2), ("Spa3-VLM seed 0", 2), ("random Spa3R seed 0", 1),
+                       ("oracle seed 0", 2)):
         assert sum(line.startswith(f"| {run} |") for line in gates) == count, run
     assert "no gate measured" not in report
     # every task of the held-out questions has a row in the per-task table
