@@ -14,8 +14,8 @@
 # Usage: bash speedrun.sh [--size=cpu|ablation|gpu|test] [--out=DIR]   (or SIZE=... OUT=... bash speedrun.sh)
 #   cpu       the default: the whole chain with its gates, under 10 minutes on a 2-core CPU
 #   ablation  the decisive size: more data, steps and seeds, under 30 minutes on a 2-core CPU
-#   gpu       reference-size models and data for one GPU: about 40 minutes by the step rates measured on an H200
-#             (README, Benchmarks); the whole run has not been made yet
+#   gpu       reference-size models and data for one GPU: at most about 45 minutes by the step rates measured on an
+#             H200 (README, Benchmarks); the whole run has not been made yet
 #   test      a smaller still version that the test suite runs
 #   PYTHON=/path/to/python picks the interpreter (default: the python on PATH)
 #   --out=DIR relative to the current directory; default out/ beside this script. Data already in DIR is
@@ -68,7 +68,8 @@ case $SIZE in
     DATA="--scenes=1000 --val_scenes=200 --views=12 --random_views=4 --res=32 --qa_per_task=1 --vocab_size=1024 --workers=2"
     COMMON="--preset=tiny --log_every=100 --eval_every=100000 --eval_samples=400 --save_every=100000"
     GEO="--steps=10000 --batch_size=16"; PSFM="--steps=4000 --probe_samples=1000"; VLM="--steps=400 --batch_size=32"; SEEDS=3 ;;
-  gpu)  # H200, eager: geo 173 (4 views; pairs cost less), psfm 91, vlm 90 samples/s at batch 32 -> at most 5 + 9 + 9 x 2.4 min
+  gpu)  # H200, eager: geo 173 (4 views; pairs cost less), psfm 91, vlm 90 samples/s at batch 32 -> at most 5 + 9 + 12 x 2.4
+        # min (the psfm and random arms read cached latents: less)
     DATA="--scenes=512 --val_scenes=32 --res=224 --workers=8"
     COMMON="--preset=reference --workers=8 --log_every=20 --eval_every=100000 --eval_samples=512 --save_every=500"
     GEO="--steps=1500 --batch_size=32"; PSFM="--steps=1500 --batch_size=32"; VLM="--steps=400 --batch_size=32"; SEEDS=3 ;;

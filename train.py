@@ -8,6 +8,7 @@
     python train.py --stage=geo --steps=500 --geo.dim=96
     torchrun --standalone --nproc_per_node=8 train.py   # the same on 8 GPUs (DDP over NCCL; gloo on CPU)
     python train.py --stage=vlm --spa3r=none --out=out/vlm_none   # the baseline VLM for the ablation
+    python train.py --stage=vlm --spa3r=random --out=out/vlm_random   # its control: Spa3R's encoder untrained
     python train.py --help                              # every flag with its default
 
 A step is the same whatever the world size: the training samples form one stream (epoch e is a permutation

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ import data
 import generate_spar
 import train
 import vlm
-from model import geo_loss
+from model import geo_loss, init_weights
+from psfm import Spa3REncoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 steps of global batch 4 per stage; validation at the end on 6 held-out samples
@@ -178,13 +180,14 @@ def test_resume_after_a_kill_while_writing_a_checkpoint_is_exact(single, data_di
     assert not os.path.exists(os.path.join(out, train.STAGING))  # the resumed run's saves cleared it
 
 
-def test_the_two_vlm_variants_start_alike_from_the_earlier_stages(single, data_dir):
-    def build(*extra):
-        argv = [f"--data={data_dir}", f"--init_geo={os.path.join(single, 'geo')}",
-                f"--init_spa3r={os.path.join(single, 'psfm')}", *extra]
-        return train.build_vlm(*train.stage_config(argv, "vlm", "tiny", all_stages=False)).model
+def build_vlm_stage(single, data_dir, *extra):
+    argv = [f"--data={data_dir}", f"--init_geo={os.path.join(single, 'geo')}",
+            f"--init_spa3r={os.path.join(single, 'psfm')}", *extra]
+    return train.build_vlm(*train.stage_config(argv, "vlm", "tiny", all_stages=False))
 
-    spa3_vlm, baseline = build(), build("--spa3r=none")
+
+def test_the_two_vlm_variants_start_alike_from_the_earlier_stages(single, data_dir):
+    spa3_vlm, baseline = (build_vlm_stage(single, data_dir, *extra).model for extra in ((), ("--spa3r=none",)))
     geo_state = load_file(os.path.join(single, "geo", "model.safetensors"))
     for name, value in spa3_vlm.vision.state_dict().items():  # the vision ViT starts as the geo backbone's
         assert torch.equal(value, geo_state["vit." + name])
@@ -192,6 +195,46 @@ def test_the_two_vlm_variants_start_alike_from_the_earlier_stages(single, data_d
     full = spa3_vlm.state_dict()
     for name, value in baseline.state_dict().items():  # everything the baseline has, Spa3-VLM starts with too
         assert torch.equal(full[name], value), name
+
+
+def test_the_control_arm_is_spa3_vlm_with_its_encoder_untrained(single, data_dir):
+    """--spa3r=random: Spa3-VLM's model and start in every weight but the Spa3R encoder's, which is a fresh
+    one as PSFM starts it (seeded --seed + 1), not the PSFM-trained one."""
+    trained, control = (build_vlm_stage(single, data_dir, *extra).model for extra in ((), ("--spa3r=random",)))
+    assert control.config == trained.config  # eval.py loads it as a Spa3-VLM
+    torch.manual_seed(0 + 1)
+    fresh = Spa3REncoder(control.config.psfm, control.config.geo.dim)
+    fresh.apply(init_weights)
+    psfm_state = load_file(os.path.join(single, "psfm", "model.safetensors"))
+    encoder = control.spa3r.encoder.state_dict()
+    assert encoder.keys() == fresh.state_dict().keys()
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(encoder[name], value), name
+    assert not torch.equal(encoder["queries"], psfm_state["encoder.queries"])
+    statistics = ("adapter.latent_mean", "adapter.latent_std")  # the standardisation of each arm's own latent
+    for name, value in trained.state_dict().items():
+        if not name.startswith("spa3r.encoder.") and name not in statistics:
+            assert torch.equal(control.state_dict()[name], value), name
+
+
+def test_cached_latents_are_those_each_step_would_compute(single, data_dir, tmp_path):
+    stage = build_vlm_stage(single, data_dir, "--cache_latent=true")
+    train.cache_latents(stage, train.Run(0, 1, torch.device("cpu"), 4, 1, nullcontext()), batch_size=3)
+    for dataset in (stage.train_set, stage.val_set):
+        batch = data.to_device(stage.collate([dataset[i] for i in range(len(dataset))]), torch.device("cpu"))
+        with torch.no_grad():
+            computed = stage.model.spatial_latent(batch["images"], batch["num_images"])  # (records, L, Ds)
+        assert batch["latent"].shape == computed.shape
+        assert torch.allclose(batch["latent"], computed, atol=1e-5)
+        assert stage.model.latent(batch) is batch["latent"]  # read, not computed again
+    # end to end, with a DataLoader worker carrying the latents: the losses of the run without the cache
+    argv = ["train.py", "--stage=vlm", f"--data={data_dir}", f"--init_spa3r={os.path.join(single, 'psfm')}"] + COMMON
+    for name, extra in (("online", []), ("cached", ["--cache_latent=true", "--workers=1"])):
+        check(run(argv + [f"--out={tmp_path / name}"] + extra))
+    for (split, step, online), (_, _, cached) in zip(losses(tmp_path / "online"), losses(tmp_path / "cached")):
+        assert cached == pytest.approx(online, rel=1e-4), (split, step)
+    refused = run(argv + [f"--out={tmp_path / 'none'}", "--spa3r=none", "--cache_latent=true"])
+    assert refused.returncode != 0 and "--cache_latent needs --spa3r=psfm or random" in refused.stderr
 
 
 def test_vlm_trains_on_a_spar7m_layout_folder_as_on_the_data_it_came_from(single, data_dir, tmp_path):
