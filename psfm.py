@@ -226,14 +226,13 @@ class FieldDecoder(nn.Module):
 
 def semantic_field(semantic, patch_size, num_classes):
     """semantic (B, V, H, W) class ids (-1 = ignore) -> each patch's class distribution (B, V, N, C) and
-    (B, V, N) bool, False where the patch has no labelled pixel. Counted with one bincount, not a one-hot."""
-    if semantic.max() >= num_classes:
-        raise ValueError(f"batch['semantic'] has class id {int(semantic.max())} >= num_classes {num_classes}")
-    B, V, H, W = semantic.shape
+    (B, V, N) bool, False where the patch has no labelled pixel. Counted with one scatter-add, not a one-hot.
+    Nothing here waits on the device (the class-id check is asynchronous), so the step compiles as one graph."""
+    torch._assert_async(semantic.max() < num_classes, f"batch['semantic'] has a class id >= num_classes {num_classes}")
     labels = patchify(semantic, patch_size)  # (B, V, N, p * p)
-    N = labels.shape[2]
-    bins = torch.arange(B * V * N, device=labels.device).view(B, V, N, 1) * num_classes + labels
-    counts = torch.bincount(bins[labels >= 0], minlength=B * V * N * num_classes).view(B, V, N, num_classes).float()
+    labelled = labels >= 0
+    counts = labels.new_zeros(*labels.shape[:3], num_classes, dtype=torch.float32)
+    counts.scatter_add_(-1, labels.clamp_min(0).long(), labelled.float())  # (B, V, N, C); -1 pixels add 0
     total = counts.sum(-1, keepdim=True)
     return counts / total.clamp_min(1), total.squeeze(-1) > 0
 
@@ -304,10 +303,15 @@ class PSFM(nn.Module):
         images = batch["images"]
         B, V = images.shape[:2]
         context = batch["context"] if "context" in batch else sample_context(B, V, c.mask_ratio).to(images.device)
+        keep = num_context_views(V, c.mask_ratio)
+        torch._assert_async((context.sum(1) == keep).all(), f"batch['context'] must hold {keep} views in every row")
         with torch.no_grad():  # one pass: context views see only context views, masked views see all
             geo = self.backbone(images, context)
         targets = geo["tokens"]  # (B, V, N, Dg)
-        latent = self.encoder(targets[context].view(B, -1, *targets.shape[2:]), self.grid(images))  # (B, L, D)
+        # the context views' indices in order, by a stable sort: a fixed shape, so nothing waits on the device
+        kept = torch.sort((~context).byte(), dim=1, stable=True).indices[:, :keep]  # (B, Vc)
+        context_tokens = targets[torch.arange(B, device=kept.device)[:, None], kept]  # (B, Vc, N, Dg)
+        latent = self.encoder(context_tokens, self.grid(images))  # (B, L, D)
         if c.pose_source == "gt":
             K, pose = batch["K"], relative_to_view0(batch["pose"])
         else:

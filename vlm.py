@@ -529,8 +529,10 @@ class SpaVLM(nn.Module):
         if self.spa3r is not None:
             self.spa3r.load_state_dict(state)
 
+    @torch.compiler.disable  # host-side grouping of a frozen forward: torch.compile leaves it eager
     def spatial_latent(self, images, num_images):
-        """(B, L, Ds): PSFM.encode of each record's images. Records with the same image count share one call."""
+        """(B, L, Ds): PSFM.encode of each record's images, num_images (B,) on the host. Records with the same
+        image count share one call."""
         per_record = images.split(num_images.tolist())
         latent = [None] * len(per_record)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_spa3r):
@@ -568,19 +570,17 @@ class SpaVLM(nn.Module):
     def embed(self, batch, latent_order=None):
         """Token embeddings (B, T, D) with each record's visual tokens in its <image> slots, in order.
         latent_order (B,): record i reads the latent of record latent_order[i] (the latent-swap gate)."""
-        ids, num_images = batch["input_ids"], batch["num_images"].to(batch["input_ids"].device)
+        ids = batch["input_ids"]
+        num_images = batch["num_images"].to(ids.device, non_blocking=True)  # from the host (data.to_device)
         x = self.lm.embed_tokens(ids)  # (B, T, D)
-        latent = self.latent({**batch, "num_images": num_images})
+        latent = self.latent(batch)
         if latent is not None and latent_order is not None:
             latent = latent[latent_order]
         vis = self.visual_tokens(batch["images"], num_images, latent)  # (I, n, D)
         slots = ids == self.special["<image>"]  # (B, T)
-        have, want = slots.sum(1), num_images * vis.shape[1]
-        bad = torch.nonzero(have != want).flatten().tolist()
-        if bad:
-            i = bad[0]
-            raise ValueError(f"vlm.py: batch['input_ids'] row {i} has {int(have[i])} <image> slots, but its "
-                             f"{int(num_images[i])} image(s) give {int(want[i])} visual tokens ({vis.shape[1]} each)")
+        # checked on the device, without waiting for it: a Python check would stall every step
+        torch._assert_async((slots.sum(1) == num_images * vis.shape[1]).all(), "vlm.py: batch['input_ids'] has a "
+                            f"row whose <image> slots differ from its images' visual tokens ({vis.shape[1]} each)")
         return x.masked_scatter(slots[..., None], vis.to(x.dtype))
 
     def logits(self, batch, latent_order=None):

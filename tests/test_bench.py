@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import data
 import train
 import vlm
 from model import GeoBackbone, GeoConfig
@@ -81,6 +82,22 @@ def test_the_loader_is_measured_against_the_step_rate_it_must_feed():
     step = run("psfm", num_views=feed["views"])  # train.py's own count for a step of these views
     assert feed["needed"] == pytest.approx(bench.H100_BF16 * 0.40 / step_flops_per_sample(step), rel=1e-9)
     assert feed["views"] == 4 and feed["res"] == 32 and feed["per_s"] > 0 and feed["workers_per_s"] > 0
+
+
+@pytest.mark.parametrize("stage", ["geo", "psfm", "vlm"])
+def test_a_training_step_compiles_to_one_graph(stage):
+    """Nothing in a stage's loss waits on the device (no .item(), .tolist() or data-dependent shape), so
+    torch.compile makes one graph of it and the host never stalls. The vlm reads a cached latent
+    (train.py --cache_latent): SpaVLM.spatial_latent's grouping by image count is host-side and stays eager."""
+    defaults, _ = train.stage_config([], stage, "tiny", False)
+    built, batch, _ = bench.build(stage, "tiny", replace(defaults, batch_size=2), bench.BenchConfig(preset="tiny"))
+    batch = data.to_device(batch, CPU)
+    if stage == "vlm":
+        with torch.no_grad():
+            batch["latent"] = built.model.spatial_latent(batch["images"], batch["num_images"])
+    explained = torch._dynamo.explain(lambda b: built.loss(built.model, b))(batch)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [str(r.reason).split("\n")[0] for r in explained.break_reasons]
 
 
 # ----------------------------------------------------------------------------- on CUDA only (skipped elsewhere)

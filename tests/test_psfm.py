@@ -164,7 +164,7 @@ def test_semantic_field_matches_a_loop():
                 expected = torch.bincount(labels, minlength=5).float() / max(len(labels), 1)
                 assert torch.allclose(dist[b, v, n], expected)
     assert not valid[0, 1, 0]
-    with pytest.raises(ValueError, match=r"batch\['semantic'\] has class id 4 >= num_classes 4"):
+    with pytest.raises(RuntimeError, match=r"batch\['semantic'\] has a class id >= num_classes 4"):
         semantic_field(semantic, 4, 4)
 
 
@@ -309,3 +309,19 @@ def test_context_pass_is_what_the_losses_use_and_gates_see_camera_use():
         model.decoder.ray_embed.fc1.weight.zero_()  # every ray token the same: cameras cannot matter
     rows = train.psfm_gates(model, [batch])
     assert rows[0]["diff"] == 0 and not rows[0]["pass"]
+
+
+def test_the_latent_reads_exactly_the_context_views_in_order():
+    """context_pass picks the context views' tokens by a sort (fixed shapes, no wait on the device): the very
+    tokens a boolean selection gives; a mask with another number of context views is refused."""
+    batch = with_context({k: torch.cat([v] * 3) for k, v in synthetic_batch(views=4).items()}, 1)
+    model = tiny_psfm().eval()
+    context, targets, latent, _, _ = model.context_pass(batch)
+    assert not context[:, 1:].equal(context[:1, 1:].expand_as(context[:, 1:]))  # the rows keep different views
+    selected = targets[context].view(len(context), -1, *targets.shape[2:])  # (B, Vc, N, Dg)
+    with torch.no_grad():
+        assert torch.equal(latent, model.encoder(selected, model.grid(batch["images"])))
+    wrong = batch["context"].clone()
+    wrong[0] = True
+    with pytest.raises(RuntimeError, match=r"batch\['context'\] must hold 2 views in every row"):
+        model.context_pass({**batch, "context": wrong})
