@@ -329,7 +329,8 @@ def stage_functions(name, model, cfg):
 
     def flops(batch):
         lengths = (batch["input_ids"] != pad).sum(1).tolist()
-        return sum(vlm.flops_per_sample(model.config, n, t - n * per_image, training=True)
+        return sum(vlm.flops_per_sample(model.config, n, t - n * per_image, training=True,
+                                        cached_latent=cfg.cache_latent)
                    for n, t in zip(batch["num_images"].tolist(), lengths))
     return dict(loss=lambda m, batch: m(batch), weight=lambda batch: int((batch["targets"] != vlm.IGNORE).sum()),
                 flops=flops, tokens=lambda batch: int((batch["input_ids"] != pad).sum()),
@@ -1051,7 +1052,7 @@ def train_stage(cfg, models, rank, world, device):
         start = saved["step"] if saved else 0
         log = Log(cfg.out, rank, start, device, saved and saved.get("unlogged"))
         log_header(log, cfg, stage, run, saved)
-        if cfg.cache_latent and start < cfg.steps:
+        if cfg.stage == "vlm" and cfg.cache_latent and start < cfg.steps:
             began = time.time()
             cache_latents(stage, run)
             log.line(f"{cfg.stage}: --cache_latent: the latents of {len(stage.train_set)} + {len(stage.val_set)} "

@@ -723,11 +723,12 @@ def lm_flops_per_token(c, context):
     return c.n_layers * (2 * weights + 4 * context * c.n_heads * hd) + 2 * c.dim * c.vocab_size
 
 
-def flops_per_sample(config, num_images, text_tokens, training=False):
+def flops_per_sample(config, num_images, text_tokens, training=False, cached_latent=False):
     """FLOPs for one record of num_images images (at config.geo.image_size) and text_tokens other tokens,
     counted as model.flops_per_sample counts them. training=False: the forward pass. training=True: a training
     step, 3x the forward of each trained part (backward ~ 2x forward) and 1x that of frozen parts, which no
-    backward reaches: Spa3R's backbone always, its encoder and the vision ViT when frozen.
+    backward reaches: Spa3R's backbone always, its encoder and the vision ViT when frozen. cached_latent: the
+    step reads the latent (train.py --cache_latent), so Spa3R does not run in it.
     MFU = samples/s x flops_per_sample(..., training=True) / the device's peak FLOP/s."""
     c, g = config, config.geo
     n, D = (g.image_size // g.patch_size) ** 2, c.lm.dim
@@ -737,7 +738,7 @@ def flops_per_sample(config, num_images, text_tokens, training=False):
     parts["vision"] = num_images * (n * 2 * 3 * g.patch_size ** 2 * g.dim
                                     + g.vit_depth * block_flops(g.dim, g.mlp_ratio, g.num_registers + n, g.num_registers + n))
     parts["projector"] = num_images * n_vis * 2 * (g.dim * c.pixel_shuffle ** 2 * D + D * D)
-    if c.spa3r == "psfm":
+    if c.spa3r == "psfm" and not cached_latent:
         p = c.psfm
         S = p.num_queries + p.num_registers + num_images * n
         parts["spa3r_backbone"] = geo_flops_per_sample(g, num_images)

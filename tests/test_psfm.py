@@ -314,7 +314,7 @@ def test_context_pass_is_what_the_losses_use_and_gates_see_camera_use():
 def test_the_latent_reads_exactly_the_context_views_in_order():
     """context_pass picks the context views' tokens by a sort (fixed shapes, no wait on the device): the very
     tokens a boolean selection gives; a mask with another number of context views is refused."""
-    batch = with_context({k: torch.cat([v] * 3) for k, v in synthetic_batch(views=4).items()}, 1)
+    batch = with_context({k: torch.cat([v] * 3) for k, v in synthetic_batch(views=8).items()}, 1)  # 4 of 8 kept
     model = tiny_psfm().eval()
     context, targets, latent, _, _ = model.context_pass(batch)
     assert not context[:, 1:].equal(context[:1, 1:].expand_as(context[:, 1:]))  # the rows keep different views
@@ -323,5 +323,5 @@ def test_the_latent_reads_exactly_the_context_views_in_order():
         assert torch.equal(latent, model.encoder(selected, model.grid(batch["images"])))
     wrong = batch["context"].clone()
     wrong[0] = True
-    with pytest.raises(RuntimeError, match=r"batch\['context'\] must hold 2 views in every row"):
+    with pytest.raises(RuntimeError, match=r"batch\['context'\] must hold 4 views in every row"):
         model.context_pass({**batch, "context": wrong})

@@ -227,10 +227,15 @@ def test_cached_latents_are_those_each_step_would_compute(single, data_dir, tmp_
         assert batch["latent"].shape == computed.shape
         assert torch.allclose(batch["latent"], computed, atol=1e-5)
         assert stage.model.latent(batch) is batch["latent"]  # read, not computed again
+    # a DataLoader worker gets the data set with its latents: its batches carry them, in the records' order
+    loader = torch.utils.data.DataLoader(stage.train_set, batch_size=2, num_workers=1, collate_fn=stage.collate)
+    first = next(iter(loader))
+    assert torch.equal(first["latent"], stage.train_set.latents[:2])
     # end to end, with a DataLoader worker carrying the latents: the losses of the run without the cache
     argv = ["train.py", "--stage=vlm", f"--data={data_dir}", f"--init_spa3r={os.path.join(single, 'psfm')}"] + COMMON
     for name, extra in (("online", []), ("cached", ["--cache_latent=true", "--workers=1"])):
         check(run(argv + [f"--out={tmp_path / name}"] + extra))
+    assert "--cache_latent: the latents of" in open(tmp_path / "cached" / "log.txt").read()
     for (split, step, online), (_, _, cached) in zip(losses(tmp_path / "online"), losses(tmp_path / "cached")):
         assert cached == pytest.approx(online, rel=1e-4), (split, step)
     refused = run(argv + [f"--out={tmp_path / 'none'}", "--spa3r=none", "--cache_latent=true"])

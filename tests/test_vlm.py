@@ -489,6 +489,10 @@ def test_flops_per_sample_matches_counted_flops(spa3r):
     batch = collate([item], TOKENIZER, model.config)
     text = int((batch["input_ids"] != 5).sum())
     assert flops_per_sample(model.config, 3, text) == count_flops(lambda: model.logits(batch))
+    if spa3r == "psfm":  # a cached latent (train.py --cache_latent): Spa3R does not run in the step
+        with torch.no_grad():
+            batch["latent"] = model.spatial_latent(batch["images"], batch["num_images"])
+        assert flops_per_sample(model.config, 3, text, cached_latent=True) == count_flops(lambda: model.logits(batch))
     lm = model.config.lm
     assert vlm.lm_flops_per_token(lm, 10) == sum(2 * p.numel() for p in model.lm.parameters() if p.dim() == 2) \
         + lm.n_layers * 4 * 10 * lm.dim  # tied: the embedding matrix is the head's, counted once
