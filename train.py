@@ -370,6 +370,16 @@ def build_psfm(cfg, models):
                  **stage_functions("psfm", model, cfg))
 
 
+def untrained_encoder(psfm_config, geo_dim, seed):
+    """A Spa3R encoder as PSFM starts one, seeded seed + 1 on its own generator (the training RNG does not move):
+    the probes' random encoder and the --spa3r=random control arm's."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        encoder = Spa3REncoder(psfm_config, geo_dim)
+        encoder.apply(init_weights)
+    return encoder
+
+
 def task_list(tasks):
     """--tasks=a,b -> ("a", "b"); an unknown task name is refused."""
     names = tuple(t for t in tasks.split(",") if t)
@@ -406,12 +416,8 @@ def build_vlm(cfg, models):
     model = vlm.SpaVLM(config, tokenizer, pretrained_lm if cfg.init_lm else None)
     if start is not None:
         model.init_from_psfm({("backbone." if arm != "psfm" else "") + k: v for k, v in start.state_dict().items()})
-    if cfg.spa3r == "random":  # a fresh encoder, as PSFM starts one, on its own seed: all else stays as in psfm
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed + 1)
-            untrained = Spa3REncoder(psfm_config, geo_config.dim)
-            untrained.apply(init_weights)
-        model.spa3r.encoder.load_state_dict(untrained.state_dict())
+    if cfg.spa3r == "random":  # the control: all else stays as in the psfm arm
+        model.spa3r.encoder.load_state_dict(untrained_encoder(psfm_config, geo_config.dim, cfg.seed).state_dict())
     train_set, val_set = (data.QADataset(cfg.data, split, geo_config.image_size, oracle=cfg.spa3r == "oracle",
                                          tasks=task_list(cfg.tasks)) for split in ("train", "val"))
     collate = partial(vlm.collate, tokenizer=tokenizer, config=config)
@@ -930,10 +936,7 @@ def r2(errors, y):
 def probe_gates(model, train_batches, val_batches, rooms_of, seed):
     """Per probed quantity: held-out R² of the latent vs a randomly initialised encoder (the gate) and vs the
     ViT features (shown in the row's name)."""
-    with torch.random.fork_rng(devices=[]):  # the random encoder (made on the CPU) must not move the training RNG
-        torch.manual_seed(seed + 1)
-        random_encoder = Spa3REncoder(model.config, model.backbone.config.dim).to(next(model.parameters()).device)
-        random_encoder.apply(init_weights)
+    random_encoder = untrained_encoder(model.config, model.backbone.config.dim, seed).to(next(model.parameters()).device)
 
     def collect(batches):
         feats, ys = {}, []
