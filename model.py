@@ -261,6 +261,9 @@ class GeoBackbone(nn.Module):
         self.global_blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.mlp_ratio) for _ in range(c.cross_depth))
         self.norm = nn.LayerNorm(c.dim)
         self.depth_head = nn.Linear(c.dim, c.patch_size ** 2)  # log depth of each pixel of the patch
+        # each pixel's 3D point in view 0's frame (VGGT's point map): a dense signal of how the views sit
+        # relative to each other, which the one camera token per view alone gives too little of to learn
+        self.point_head = nn.Linear(c.dim, 3 * c.patch_size ** 2)
         self.camera_head = MLP(c.dim, c.dim, 3 + 6 + 2)  # translation, 6D rotation, log focals
         self.apply(init_weights)
         with torch.no_grad():  # start at a plausible room depth (2 m) and at the identity camera
@@ -311,13 +314,15 @@ class GeoBackbone(nn.Module):
         B, V, _, H, W = images.shape
         tokens = x[:, :, 1 + c.num_registers:]  # (B, V, N, D)
         log_depth = unpatchify(self.depth_head(tokens), c.patch_size, H, W)  # (B, V, H, W)
+        xyz = self.point_head(tokens).float().unflatten(-1, (c.patch_size ** 2, 3)).movedim(-1, 2)  # (B, V, 3, N, p*p)
+        points = unpatchify(xyz.flatten(1, 2), c.patch_size, H, W).unflatten(1, (V, 3))  # (B, V, 3, H, W)
         cam = self.camera_head(x[:, :, 0]).float()  # (B, V, 11)
         pose = torch.eye(4, device=x.device).repeat(B, V, 1, 1)
         pose[..., :3, :3] = rotation_from_6d(cam[..., 3:9])
         pose[..., :3, 3] = cam[..., :3]
         pose[:, 0] = torch.eye(4, device=x.device)  # view 0 is the scene frame by definition
         log_focal = cam[..., 9:]
-        return {"tokens": tokens, "log_depth": log_depth, "depth": log_depth.exp(), "pose": pose,
+        return {"tokens": tokens, "log_depth": log_depth, "depth": log_depth.exp(), "pose": pose, "points": points,
                 "log_focal": log_focal, "K": intrinsics_from_focal(log_focal, H, W)}
 
 
@@ -348,10 +353,21 @@ def masked_mean(x, valid):
     return (x * valid).sum() / valid.sum().clamp_min(1)
 
 
+def point_map(depth, K, pose):
+    """Each pixel's 3D point in the frame that pose (B, V, 4, 4) maps the camera to: z-depth (B, V, H, W) and
+    intrinsics K (B, V, 3, 3) -> (B, V, 3, H, W). The ray through pixel centre (u + 0.5, v + 0.5) has z = 1."""
+    B, V, H, W = depth.shape
+    v, u = torch.meshgrid(torch.arange(H, device=depth.device), torch.arange(W, device=depth.device), indexing="ij")
+    pixels = torch.stack([u + 0.5, v + 0.5, torch.ones(H, W, device=depth.device)]).flatten(1)  # (3, H * W)
+    camera = torch.linalg.inv(K.float()) @ pixels * depth.float().flatten(2)[:, :, None]  # (B, V, 3, H * W)
+    return (pose[..., :3, :3] @ camera + pose[..., :3, 3:]).view(B, V, 3, H, W)
+
+
 def geo_loss(pred, batch):
     """Stage-`geo` objective, each term an L1:
     depth in log space over valid pixels (depth > 0); camera translation (metres) and rotation entries,
-    relative to view 0; log focal / image size. Returns (total, {name: detached value})."""
+    relative to view 0; log focal / image size; the point map: each valid pixel's 3D point in view 0's frame
+    (metres, the L1 distance, x + y + z). Returns (total, {name: detached value})."""
     check_batch(batch, ["depth", "K", "pose"])
     depth, K = batch["depth"], batch["K"]
     H, W = depth.shape[-2:]
@@ -362,6 +378,8 @@ def geo_loss(pred, batch):
     terms["rotation"] = (pred["pose"][..., :3, :3] - target[..., :3, :3]).abs().mean()
     focal = torch.stack([K[..., 0, 0] / W, K[..., 1, 1] / H], -1).log()
     terms["focal"] = (pred["log_focal"] - focal).abs().mean()
+    points = point_map(depth, K, target)  # (B, V, 3, H, W): every pixel in view 0's frame
+    terms["points"] = masked_mean((pred["points"] - points).abs().sum(2), depth > 0)  # L1 distance per pixel
     total = sum(terms.values())
     return total, {k: v.detach() for k, v in terms.items()}
 
@@ -386,6 +404,6 @@ def flops_per_sample(config, num_views):
     flops += num_views * c.cross_depth * block_flops(c.dim, c.mlp_ratio, view_tokens, view_tokens)
     all_tokens = num_views * view_tokens
     flops += c.cross_depth * block_flops(c.dim, c.mlp_ratio, all_tokens, all_tokens)
-    flops += num_views * n * 2 * c.dim * c.patch_size ** 2  # depth head
+    flops += num_views * n * 2 * c.dim * 4 * c.patch_size ** 2  # depth and point heads (1 + 3 values a pixel)
     flops += num_views * 2 * (c.dim * c.dim + c.dim * 11)  # camera head
     return flops

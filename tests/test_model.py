@@ -230,7 +230,7 @@ def test_heads_and_loss_finite_on_random_input():
     batch["pose"][..., 3, :] = torch.tensor([0, 0, 0, 1.0])
     loss, terms = geo_loss(backbone(batch["images"]), batch)
     loss.backward()
-    assert set(terms) == {"depth", "translation", "rotation", "focal"}
+    assert set(terms) == {"depth", "translation", "rotation", "focal", "points"}
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in backbone.parameters())
 
@@ -284,21 +284,40 @@ def test_relative_to_view0_hand_case():
     assert torch.allclose(rel[1, :3, 0], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
 
 
+def test_point_map_lies_on_the_ray_cast_room():
+    """Back-projected with the world poses, every valid pixel of synthetic_batch's rooms lands on a wall, the
+    floor or the ceiling of its room (render_box_room cast the rays); relative to view 0 they are view 0's
+    camera-frame points, z = depth."""
+    batch = synthetic_batch()
+    world = model.point_map(batch["depth"], batch["K"], batch["pose"]).movedim(2, -1)  # (B, V, H, W, 3)
+    valid = batch["depth"] > 0
+    for b, size in enumerate([(4.0, 3.0, 2.5), (6.0, 5.0, 3.0)]):
+        to_plane = torch.cat([world[b].abs(), (world[b] - torch.tensor(size)).abs()], -1).amin(-1)  # (V, H, W)
+        assert to_plane[valid[b]].max() < 1e-4
+    local = model.point_map(batch["depth"], batch["K"], relative_to_view0(batch["pose"]))[:, 0]  # (B, 3, H, W)
+    assert torch.allclose(local[:, 2], batch["depth"][:, 0])
+    assert local[0, 0, 5, 16] == pytest.approx(batch["depth"][0, 0, 5, 16] * 0.5 / (32 * 0.8))  # u = 16.5, cx = 16
+
+
 def test_geo_loss_hand_case():
     batch = synthetic_batch()
     B, V = batch["depth"].shape[:2]
     truth = {"log_depth": batch["depth"].clamp_min(1e-6).log(), "pose": relative_to_view0(batch["pose"]),
              "log_focal": torch.full((B, V, 2), math.log(0.8))}
+    truth["points"] = model.point_map(batch["depth"], batch["K"], truth["pose"])
     total, terms = geo_loss(truth, batch)
     assert total.item() == pytest.approx(0.0, abs=1e-5)
     off = dict(truth, log_depth=truth["log_depth"] + math.log(2.0), log_focal=truth["log_focal"] - 0.1)
     off["pose"] = truth["pose"].clone()
     off["pose"][..., :3, 3] += torch.tensor([0.3, 0.0, 0.0])  # every camera 0.3 m off along x
+    off["points"] = truth["points"] + torch.tensor([0.2, -0.1, 0.0])[:, None, None]  # every point 0.3 m off (L1)
+    off["points"][..., :2, :] = 100.0  # where depth is invalid: left out
     total, terms = geo_loss(off, batch)
     assert terms["depth"].item() == pytest.approx(math.log(2.0), rel=1e-5)  # invalid pixels do not count
     assert terms["translation"].item() == pytest.approx(0.1, rel=1e-5)  # one of three axes
     assert terms["focal"].item() == pytest.approx(0.1, rel=1e-5)
     assert terms["rotation"].item() == pytest.approx(0.0, abs=1e-6)
+    assert terms["points"].item() == pytest.approx(0.3, rel=1e-5)
 
 
 def test_bad_input_names_the_field():
