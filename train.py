@@ -886,6 +886,7 @@ def psfm_gates(model, batches):
 
 # Linear probes: 3D quantities of a sample read off its features by ridge regression fitted on training scenes.
 PROBES = ("log floor area", "relative yaw (cos)", "relative yaw (sin)", "camera distance", "largest-object distance")
+ROOM_PROBES, PAIR_PROBES = (0, 4), (1, 2, 3)  # read off views as PSFM draws them; off pairs of near views
 
 
 def probe_targets(batch, rooms):
@@ -935,9 +936,9 @@ def r2(errors, y):
 
 
 @torch.no_grad()
-def probe_gates(model, train_batches, val_batches, rooms_of, seed):
-    """Per probed quantity: held-out R² of the latent vs a randomly initialised encoder (the gate) and vs the
-    ViT features (shown in the row's name)."""
+def probe_gates(model, train_batches, val_batches, rooms_of, seed, quantities=ROOM_PROBES + PAIR_PROBES):
+    """Per probed quantity (indices into PROBES): held-out R² of the latent vs a randomly initialised encoder (the
+    gate) and vs the ViT features (shown in the row's name)."""
     random_encoder = untrained_encoder(model.config, model.backbone.config.dim, seed).to(next(model.parameters()).device)
 
     def collect(batches):
@@ -945,12 +946,12 @@ def probe_gates(model, train_batches, val_batches, rooms_of, seed):
         for batch in batches:
             for name, f in probe_features(model, random_encoder, batch).items():
                 feats.setdefault(name, []).append(f.double().cpu())
-            ys.append(probe_targets(batch, rooms_of(batch)))
+            ys.append(probe_targets(batch, rooms_of(batch))[:, list(quantities)])
         return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(ys)
     (train_x, train_y), (val_x, val_y) = collect(train_batches), collect(val_batches)
     sq = {name: (ridge_fit_predict(train_x[name], train_y, val_x[name]) - val_y) ** 2 for name in train_x}
     rows = []
-    for j, quantity in enumerate(PROBES):
+    for j, quantity in enumerate(PROBES[q] for q in quantities):
         score = {name: float(r2(sq[name][:, j:j + 1], val_y[:, j:j + 1])) for name in sq}
         rows.append(gate_row(f"probe R² {quantity} (ViT features {score['ViT features']:.2f})", sq["latent"][:, j],
                              sq["random encoder"][:, j], "random encoder", (score["latent"], score["random encoder"])))
@@ -1002,14 +1003,17 @@ def gate_batches(stage, dataset, cfg, run, count=None, spread=False):
 
 def psfm_stage_gates(stage, cfg, run):
     rows = psfm_gates(stage.model, gate_batches(stage, stage.val_set, cfg, run))
-    # probes on pairs of overlapping views: how one camera sits relative to another is only knowable when they
-    # overlap, and "view 1" is only defined for a latent that does not see the order of the views after view 0
-    # when there is one other view (as many context views as PSFM trains with at 4 views and mask ratio 0.5)
+    # The room (its floor area, where its largest object stands) is probed on views as PSFM draws them, the room
+    # the latent learns to complete. How one camera sits relative to another is probed on pairs of near views:
+    # it is only knowable when they overlap, and "view 1" is only defined for a latent that does not see the
+    # order of the views after view 0 when there is one other view.
     pairs = replace(cfg, view_sampling="near", num_views=2)
-    probe_train, probe_val = view_datasets(pairs, stage.model.backbone.config.image_size)
-    rooms_of = lambda batch: [probe_val.store.scene_cameras(s)[0] for s in batch["scene"]]
-    return rows + probe_gates(stage.model, gate_batches(stage, probe_train, cfg, run, cfg.probe_samples),
-                              gate_batches(stage, probe_val, cfg, run), rooms_of, cfg.seed)
+    for probe_cfg, quantities in ((cfg, ROOM_PROBES), (pairs, PAIR_PROBES)):
+        probe_train, probe_val = view_datasets(probe_cfg, stage.model.backbone.config.image_size)
+        rooms_of = lambda batch, store=probe_val.store: [store.scene_cameras(s)[0] for s in batch["scene"]]  # noqa: E731
+        rows += probe_gates(stage.model, gate_batches(stage, probe_train, probe_cfg, run, cfg.probe_samples),
+                            gate_batches(stage, probe_val, probe_cfg, run), rooms_of, cfg.seed, quantities)
+    return rows
 
 
 def stage_gates(stage, cfg, run):

@@ -96,6 +96,10 @@ def test_all_three_stages_write_loadable_checkpoints(single, data_dir):
         gates = [r for r in rows if r["split"] == "gates"]  # logged with the validation, one row per gate
         assert [r["step"] for r in gates] == [4] and len(gates[0]["gates"]) == {"geo": 4, "psfm": 8, "vlm": 1}[stage]
         assert all(row["gate"] in open(os.path.join(folder, "log.txt")).read() for row in gates[0]["gates"])
+        if stage == "psfm":  # the room's quantities first (views as PSFM draws them), then those of view pairs
+            probed = [next(q for q in train.PROBES if f"R² {q} (" in row["gate"]) for row in gates[0]["gates"][3:]]
+            assert probed == [train.PROBES[j] for j in train.ROOM_PROBES + train.PAIR_PROBES]
+            assert probed[:2] == ["log floor area", "largest-object distance"]
         log = open(os.path.join(folder, "log.txt")).read()
         assert "samples/s" in log and "ETA" in log and "MFU" not in log  # no known peak on a CPU
     assert "tokens/s" in open(os.path.join(single, "vlm", "log.txt")).read()
