@@ -297,6 +297,8 @@ def test_point_map_lies_on_the_ray_cast_room():
     local = model.point_map(batch["depth"], batch["K"], relative_to_view0(batch["pose"]))[:, 0]  # (B, 3, H, W)
     assert torch.allclose(local[:, 2], batch["depth"][:, 0])
     assert local[0, 0, 5, 16] == pytest.approx(batch["depth"][0, 0, 5, 16] * 0.5 / (32 * 0.8))  # u = 16.5, cx = 16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # train.py's autocast must not round the targets
+        assert torch.equal(model.point_map(batch["depth"], batch["K"], batch["pose"]).movedim(2, -1), world)
 
 
 def test_geo_loss_hand_case():
