@@ -7,12 +7,14 @@ its own small one on the generator's ground truth, in the same role, then freeze
 Reading order:
   2D RoPE, position embedding -> Attention (QK-norm, one scaled_dot_product_attention call) -> MLP -> Block (pre-norm)
   ViT          one image -> register + patch tokens (the per-view encoder; vlm.py can reuse it alone)
-  GeoBackbone  ViT on every view, then alternating frame-wise / global blocks; depth and camera heads
+  GeoBackbone  ViT on every view, then alternating frame-wise / global blocks; depth, point-map and camera heads
+  point_map    depth + camera -> each pixel's 3D point (the point head's target)
   geo_loss     the stage-`geo` objective
   block_flops, flops_per_sample   for MFU
 
 GeoBackbone(config)(images) returns per view "tokens" (B, V, N, D), the "geo" feature field PSFM predicts,
-"log_depth", "pose" (camera-to-view-0, view 0 exactly the identity), "log_focal" and "K"; see its forward.
+"log_depth", "points" (in view 0's frame), "pose" (camera-to-view-0, view 0 exactly the identity), "log_focal"
+and "K"; see its forward.
 
 Conventions: pixel (u, v) covers [u, u + 1) x [v, v + 1), so its centre is (u + 0.5, v + 0.5) and a centred
 camera has cx = W / 2. Everything runs in fp32 on CPU; on CUDA train.py wraps calls in bf16 autocast, and the
@@ -307,8 +309,9 @@ class GeoBackbone(nn.Module):
 
     def forward(self, images, context=None):
         """images (B, V, 3, H, W) in [0, 1], view 0 the reference -> {"tokens" (B, V, N, D) last-layer patch
-        tokens, "log_depth" (B, V, H, W) metric, "pose" (B, V, 4, 4) camera-to-view-0 (OpenCV axes, metres),
-        "log_focal" (B, V, 2) log(fx / W), log(fy / H), "K" (B, V, 3, 3) the intrinsics they give}."""
+        tokens, "log_depth" (B, V, H, W) metric, "points" (B, V, 3, H, W) each pixel's point in view 0's frame
+        (metres), "pose" (B, V, 4, 4) camera-to-view-0 (OpenCV axes, metres), "log_focal" (B, V, 2) log(fx / W),
+        log(fy / H), "K" (B, V, 3, 3) the intrinsics they give}."""
         c = self.config
         x = self.aggregate(images, context)  # checks images first
         B, V, _, H, W = images.shape

@@ -1005,8 +1005,8 @@ def psfm_stage_gates(stage, cfg, run):
     rows = psfm_gates(stage.model, gate_batches(stage, stage.val_set, cfg, run))
     # The room (its floor area, where its largest object stands) is probed on views as PSFM draws them, the room
     # the latent learns to complete. How one camera sits relative to another is probed on pairs of near views:
-    # it is only knowable when they overlap, and "view 1" is only defined for a latent that does not see the
-    # order of the views after view 0 when there is one other view.
+    # it is only knowable when they overlap, and the latent does not see the order of the views after view 0,
+    # so "view 1" is only well defined when there are two views.
     pairs = replace(cfg, view_sampling="near", num_views=2)
     for probe_cfg, quantities in ((cfg, ROOM_PROBES), (pairs, PAIR_PROBES)):
         probe_train, probe_val = view_datasets(probe_cfg, stage.model.backbone.config.image_size)

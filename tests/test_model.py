@@ -221,6 +221,27 @@ def test_outputs_shapes_and_cameras_are_valid():
     assert torch.allclose(out["depth"][0, 0, 0, 0], torch.tensor(2.0), rtol=0.2)  # the 2 m initial depth
 
 
+def test_point_head_output_lands_on_its_pixel():
+    """A point head that writes (patch index, pixel index within the patch, coordinate) puts them where patchify
+    reads them from: pixel (y, x) of a 16 x 24 view holds patch (y // p) * (W // p) + x // p, pixel (y % p) * p + x % p."""
+    torch.manual_seed(0)
+    backbone = GeoBackbone(GeoConfig.tiny())
+    p, H, W = backbone.config.patch_size, 16, 24
+    N = (H // p) * (W // p)
+    code = torch.arange(N)[:, None, None] * 1000 + torch.arange(p * p)[:, None] * 10 + torch.arange(3)  # (N, p*p, 3)
+
+    class WritesItsCode(torch.nn.Module):
+        def forward(self, tokens):  # (B, V, N, D) -> (B, V, N, 3 p²), as the Linear head's layout
+            return code.flatten(1).float().expand(*tokens.shape[:2], -1, -1)
+    backbone.point_head = WritesItsCode()
+    points = backbone(torch.rand(2, 3, 3, H, W))["points"]  # (B, V, 3, H, W)
+    y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    for c in range(3):
+        expected = ((y // p) * (W // p) + x // p) * 1000 + ((y % p) * p + x % p) * 10 + c
+        assert torch.equal(points[:, :, c], expected.float().expand(2, 3, H, W))
+    assert torch.equal(model.patchify(points[:, :, 0], p)[0, 0], code[..., 0].float())  # the inverse agrees
+
+
 def test_heads_and_loss_finite_on_random_input():
     torch.manual_seed(0)
     backbone = GeoBackbone(GeoConfig.tiny())
