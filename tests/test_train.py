@@ -605,6 +605,24 @@ def test_ridge_probe_reads_a_linear_quantity_and_not_noise():
     assert score[0] > 0.99 and score[1] < 0.1
 
 
+def test_probe_rows_read_their_own_quantity(monkeypatch):
+    """probe_gates(quantities=(4, 0)): each row is scored on its own target column. Features that know only the
+    largest-object distance probe it at R² ~1 and beat the noise of the random encoder; floor area they miss."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(160, 5, generator=g, dtype=torch.float64)
+    noise = torch.randn(160, 9, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(train, "probe_targets", lambda batch, rooms: y[batch])
+    monkeypatch.setattr(train, "probe_features", lambda model, encoder, batch: {
+        "latent": torch.cat([y[batch][:, 4:5], noise[batch][:, :3]], 1),
+        "ViT features": noise[batch][:, 3:6], "random encoder": noise[batch][:, 6:9]})
+    psfm = train.PSFM(train.Spa3RConfig.tiny(), train.GeoBackbone(train.GeoConfig.tiny()))
+    batches = lambda first, last: [torch.arange(i, i + 8) for i in range(first, last, 8)]  # noqa: E731
+    rows = train.probe_gates(psfm, batches(0, 120), batches(120, 160), lambda batch: None, 0, quantities=(4, 0))
+    assert [row["gate"].split(" (ViT")[0] for row in rows] == ["probe R² largest-object distance", "probe R² log floor area"]
+    assert rows[0]["model"] > 0.95 and rows[0]["pass"]
+    assert rows[1]["model"] < 0.2 and not rows[1]["pass"]
+
+
 def test_probe_targets_hand_worked_room():
     pose = torch.eye(4).repeat(1, 2, 1, 1)
     pose[0, 0, :3, 3] = torch.tensor([1.0, 2.0, 1.5])
