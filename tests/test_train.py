@@ -605,6 +605,21 @@ def test_ridge_probe_reads_a_linear_quantity_and_not_noise():
     assert score[0] > 0.99 and score[1] < 0.1
 
 
+def test_ridge_strength_is_chosen_per_column():
+    """Fitting two targets together gives each column what fitting it alone gives, though one is exact (a weak
+    ridge suits it) and the other, in units 1000 times larger, mostly noise (a strong one suits it)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 30, generator=g, dtype=torch.float64)
+    exact = x @ torch.randn(30, generator=g, dtype=torch.float64)
+    noisy = 1000 * (0.1 * x[:, 0] + torch.randn(120, generator=g, dtype=torch.float64))
+    y = torch.stack([exact, noisy], 1)
+    together = train.ridge_fit_predict(x[:80], y[:80], x[80:])
+    for j in range(2):
+        alone = train.ridge_fit_predict(x[:80], y[:80, j:j + 1], x[80:])
+        assert torch.allclose(together[:, j:j + 1], alone)
+    assert train.r2((together - y[80:]) ** 2, y[80:])[0] > 0.99
+
+
 def test_probe_rows_read_their_own_quantity(monkeypatch):
     """probe_gates(quantities=(4, 0)): each row is scored on its own target column. Features that know only the
     largest-object distance probe it at R² ~1 and beat the noise of the random encoder; floor area they miss."""
