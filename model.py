@@ -307,6 +307,10 @@ class GeoBackbone(nn.Module):
             x = self.run_global_block(i, x, rope, attn_mask)
         return self.norm(x)
 
+    def patch_tokens(self, images, context=None):
+        """Only the last-layer patch tokens (B, V, N, D), no heads: all that PSFM's encoder and targets read."""
+        return self.aggregate(images, context)[:, :, 1 + self.config.num_registers:]
+
     def forward(self, images, context=None):
         """images (B, V, 3, H, W) in [0, 1], view 0 the reference -> {"tokens" (B, V, N, D) last-layer patch
         tokens, "log_depth" (B, V, H, W) metric, "points" (B, V, 3, H, W) each pixel's point in view 0's frame

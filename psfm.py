@@ -279,7 +279,7 @@ class PSFM(nn.Module):
     def encode(self, images):
         """images (B, V, 3, H, W) in [0, 1], no poses, every view context -> latent (B, L, D)."""
         with torch.no_grad():
-            tokens = self.backbone(images)["tokens"]  # (B, V, N, Dg)
+            tokens = self.backbone.patch_tokens(images)  # (B, V, N, Dg)
         return self.encoder(tokens, self.grid(images))
 
     def decode(self, latent, K, pose, image_hw):
@@ -306,16 +306,15 @@ class PSFM(nn.Module):
         keep = num_context_views(V, c.mask_ratio)
         torch._assert_async((context.sum(1) == keep).all(), f"batch['context'] must hold {keep} views in every row")
         with torch.no_grad():  # one pass: context views see only context views, masked views see all
-            geo = self.backbone(images, context)
-        targets = geo["tokens"]  # (B, V, N, Dg)
+            if c.pose_source == "gt":  # the cameras come from the batch: the backbone's heads are not needed
+                targets, K, pose = self.backbone.patch_tokens(images, context), batch["K"], relative_to_view0(batch["pose"])
+            else:
+                geo = self.backbone(images, context)
+                targets, K, pose = geo["tokens"], geo["K"], geo["pose"]  # targets (B, V, N, Dg)
         # the context views' indices in order, by a stable sort: a fixed shape, so nothing waits on the device
         kept = torch.sort((~context).byte(), dim=1, stable=True).indices[:, :keep]  # (B, Vc)
         context_tokens = targets[torch.arange(B, device=kept.device)[:, None], kept]  # (B, Vc, N, Dg)
         latent = self.encoder(context_tokens, self.grid(images))  # (B, L, D)
-        if c.pose_source == "gt":
-            K, pose = batch["K"], relative_to_view0(batch["pose"])
-        else:
-            K, pose = geo["K"], geo["pose"]
         return context, targets, latent, K, pose
 
     def losses(self, batch):

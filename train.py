@@ -909,7 +909,7 @@ def probe_features(model, random_encoder, batch):
     """{name: (B, F)}: the Spa3R latent, the ViT features, a random encoder's latent, each averaged over its
     tokens (and views), so that every probe reads the same number of features."""
     images = batch["images"]
-    tokens = model.backbone(images)["tokens"]  # (B, V, N, Dg)
+    tokens = model.backbone.patch_tokens(images)  # (B, V, N, Dg)
     vit = model.backbone.vit(images.flatten(0, 1))[:, model.backbone.config.num_registers:]  # (B * V, N, Dg)
     return {"latent": model.encoder(tokens, model.grid(images)).mean(1),
             "ViT features": vit.reshape(len(images), -1, vit.shape[-1]).mean(1),

@@ -191,6 +191,7 @@ def test_context_views_never_see_masked_views():
     after = backbone(perturbed, context)["tokens"]
     assert torch.equal(after[0, [0, 2]], masked[0, [0, 2]])  # the context views do not notice
     assert not torch.allclose(after[0, 3], masked[0, 3], atol=1e-3)  # the other masked view does
+    assert torch.equal(backbone.patch_tokens(images, context), masked)  # the heads-free path reads the same tokens
 
 
 def test_backbone_equivariant_to_reordering_views_after_the_first():
