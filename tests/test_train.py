@@ -622,20 +622,40 @@ def test_ridge_strength_is_chosen_per_column():
 
 def test_probe_rows_read_their_own_quantity(monkeypatch):
     """probe_gates(quantities=(4, 0)): each row is scored on its own target column. Features that know only the
-    largest-object distance probe it at R² ~1 and beat the noise of the random encoder; floor area they miss."""
+    largest-object distance probe it at R² ~1 and beat the random encoders' noise; floor area they miss."""
     g = torch.Generator().manual_seed(0)
     y = torch.randn(160, 5, generator=g, dtype=torch.float64)
-    noise = torch.randn(160, 9, generator=g, dtype=torch.float64)
+    noise = torch.randn(160, 15, generator=g, dtype=torch.float64)
     monkeypatch.setattr(train, "probe_targets", lambda batch, rooms: y[batch])
-    monkeypatch.setattr(train, "probe_features", lambda model, encoder, batch: {
-        "latent": torch.cat([y[batch][:, 4:5], noise[batch][:, :3]], 1),
-        "ViT features": noise[batch][:, 3:6], "random encoder": noise[batch][:, 6:9]})
+    monkeypatch.setattr(train, "probe_features", lambda model, encoders, batch: {
+        "latent": torch.cat([y[batch][:, 4:5], noise[batch][:, :3]], 1), "ViT features": noise[batch][:, 3:6],
+        **{f"random encoder {k}": noise[batch][:, 6 + 3 * k:9 + 3 * k] for k in range(3)}})
     psfm = train.PSFM(train.Spa3RConfig.tiny(), train.GeoBackbone(train.GeoConfig.tiny()))
     batches = lambda first, last: [torch.arange(i, i + 8) for i in range(first, last, 8)]  # noqa: E731
     rows = train.probe_gates(psfm, batches(0, 120), batches(120, 160), lambda batch: None, 0, quantities=(4, 0))
     assert [row["gate"].split(" (ViT")[0] for row in rows] == ["probe R² largest-object distance", "probe R² log floor area"]
     assert rows[0]["model"] > 0.95 and rows[0]["pass"]
     assert rows[1]["model"] < 0.2 and not rows[1]["pass"]
+
+
+def test_probe_gate_holds_the_latent_to_the_strongest_random_encoder(monkeypatch):
+    """Of three random encoders, one happens to read the quantity almost as well as the latent: the gate compares
+    with that one (its R² is the row's baseline), and a latent no better than it does not pass."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(400, 1, generator=g, dtype=torch.float64)
+    noise = torch.randn(400, 4, generator=g, dtype=torch.float64)
+    lucky = y + 0.3 * noise[:, 3:4]
+    monkeypatch.setattr(train, "probe_targets", lambda batch, rooms: y[batch].expand(-1, 5))
+    for latent, passes in ((y + 0.1 * noise[:, :1], True), (lucky, False)):
+        monkeypatch.setattr(train, "probe_features", lambda model, encoders, batch, latent=latent: {
+            "latent": latent[batch], "ViT features": noise[batch, :1], "random encoder 0": noise[batch, 1:2],
+            "random encoder 1": lucky[batch], "random encoder 2": noise[batch, 2:3]})
+        psfm = train.PSFM(train.Spa3RConfig.tiny(), train.GeoBackbone(train.GeoConfig.tiny()))
+        batches = lambda first, last: [torch.arange(i, i + 8) for i in range(first, last, 8)]  # noqa: E731
+        [row] = train.probe_gates(psfm, batches(0, 320), batches(320, 400), lambda batch: None, 0, quantities=(0,))
+        expected = train.r2((train.ridge_fit_predict(lucky[:320], y[:320], lucky[320:]) - y[320:]) ** 2, y[320:])
+        assert row["baseline_name"] == "strongest of 3 random encoders"
+        assert row["baseline"] == pytest.approx(float(expected)) and row["pass"] == passes
 
 
 def test_probe_targets_hand_worked_room():
