@@ -374,7 +374,8 @@ def build_psfm(cfg, models):
 
 def untrained_encoder(psfm_config, geo_dim, seed):
     """A Spa3R encoder as PSFM starts one, seeded seed + 1 on its own generator (the training RNG does not move):
-    the --spa3r=random control arm's, and the first of the probes' random encoders."""
+    the --spa3r=random control arm's. The probes call it with seed, seed + 1, ...: their encoder k is the control
+    arm's of --seed=seed + k, and never the PSFM run's own start (torch.manual_seed(seed), one less)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         encoder = Spa3REncoder(psfm_config, geo_dim)
@@ -790,8 +791,8 @@ def validate(stage, cfg, run):
 # ----------------------------------------------------------------------------- gates: each stage vs its trivial baseline
 # A falling training loss proves nothing. On held-out samples each stage is compared with what a model that
 # learned nothing useful scores on the same samples: geo with the identity pose and the per-pixel mean depth,
-# psfm with the cameras of another sample and the mean token, its latent (by linear probes) with a randomly
-# initialised encoder, the VLM with another record's images or latent. Each gate row holds per-sample errors
+# psfm with the cameras of another sample and the mean token, its latent (by linear probes) with randomly
+# initialised encoders, the VLM with another record's images or latent. Each gate row holds per-sample errors
 # of both; it passes when the paired bootstrap 95 % interval of (model - baseline) lies wholly below 0.
 
 GATE_BATCH = 8  # held-out samples per forward pass of a gate (>= 2: "another sample" rolls the batch)
@@ -932,7 +933,7 @@ def ridge_fit_predict(train_x, train_y, test_x, lambdas=(1e-2, 1e-1, 1, 10, 100,
                           for lam in lambdas])  # (lambdas, targets)
     best = scores.argmin(0)  # (targets,)
     preds = torch.stack([fit(train_x, train_y, lam)(test_x) for lam in lambdas])  # (lambdas, n, targets)
-    return preds[best, :, torch.arange(train_y.shape[1])].T  # column j from its own best strength
+    return preds[best, :, torch.arange(train_y.shape[1], device=preds.device)].T  # column j from its own best strength
 
 
 def r2(errors, y):
@@ -948,7 +949,8 @@ PROBE_RANDOM_ENCODERS = 3
 @torch.no_grad()
 def probe_gates(model, train_batches, val_batches, rooms_of, seed, quantities=ROOM_PROBES + PAIR_PROBES):
     """Per probed quantity (indices into PROBES): held-out R² of the latent vs the strongest on that quantity of
-    PROBE_RANDOM_ENCODERS randomly initialised encoders (the gate), and vs the ViT features (shown in the name)."""
+    PROBE_RANDOM_ENCODERS randomly initialised encoders (the gate; chosen on the held-out samples themselves, the
+    strict direction), and vs the ViT features and each random encoder (shown in the name)."""
     device = next(model.parameters()).device
     random_encoders = [untrained_encoder(model.config, model.backbone.config.dim, seed + k).to(device)
                        for k in range(PROBE_RANDOM_ENCODERS)]
@@ -965,8 +967,10 @@ def probe_gates(model, train_batches, val_batches, rooms_of, seed, quantities=RO
     rows = []
     for j, quantity in enumerate(PROBES[q] for q in quantities):
         score = {name: float(r2(sq[name][:, j:j + 1], val_y[:, j:j + 1])) for name in sq}
-        strongest = max((name for name in sq if name.startswith("random encoder")), key=score.get)
-        rows.append(gate_row(f"probe R² {quantity} (ViT features {score['ViT features']:.2f})", sq["latent"][:, j],
+        randoms = [name for name in sq if name.startswith("random encoder")]
+        strongest = max(randoms, key=score.get)
+        shown = f"ViT features {score['ViT features']:.2f}; random encoders " + ", ".join(f"{score[n]:.2f}" for n in randoms)
+        rows.append(gate_row(f"probe R² {quantity} ({shown})", sq["latent"][:, j],
                              sq[strongest][:, j], f"strongest of {PROBE_RANDOM_ENCODERS} random encoders",
                              (score["latent"], score[strongest])))
     return rows

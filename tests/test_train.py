@@ -658,6 +658,30 @@ def test_probe_gate_holds_the_latent_to_the_strongest_random_encoder(monkeypatch
         assert row["baseline"] == pytest.approx(float(expected)) and row["pass"] == passes
 
 
+def test_probe_encoders_are_distinct_draws_and_each_is_read(monkeypatch):
+    """probe_gates draws its random encoders at seed, seed + 1, ... (untrained_encoder adds 1), and probe_features
+    reads each of them: distinct features, none the trained latent's."""
+    seeds = []
+    original = train.untrained_encoder
+    monkeypatch.setattr(train, "untrained_encoder", lambda c, dim, seed: seeds.append(seed) or original(c, dim, seed))
+    monkeypatch.setattr(train, "probe_targets", lambda batch, rooms: torch.zeros(len(batch["images"]), 5, dtype=torch.float64))
+    torch.manual_seed(0)
+    psfm = train.PSFM(train.Spa3RConfig.tiny(), train.GeoBackbone(train.GeoConfig.tiny())).eval()
+    images = torch.rand(8, 2, 3, 32, 32)
+    seen = []
+    real_features = train.probe_features
+    monkeypatch.setattr(train, "probe_features", lambda *args: seen.append(real_features(*args)) or seen[-1])
+    train.probe_gates(psfm, [{"images": images}] * 2, [{"images": images}], lambda batch: None, 5, quantities=(0,))
+    assert seeds == [5, 6, 7]
+    features = seen[0]
+    assert sorted(features) == ["ViT features", "latent", "random encoder 0", "random encoder 1", "random encoder 2"]
+    names = [n for n in features if n != "ViT features"]
+    for i, a in enumerate(names):
+        assert features[a].shape == (8, psfm.config.dim)
+        for b in names[i + 1:]:
+            assert not torch.allclose(features[a], features[b], atol=1e-4), (a, b)
+
+
 def test_probe_targets_hand_worked_room():
     pose = torch.eye(4).repeat(1, 2, 1, 1)
     pose[0, 0, :3, 3] = torch.tensor([1.0, 2.0, 1.5])
