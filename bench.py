@@ -89,7 +89,8 @@ def build(name, preset, cfg, bench):
         batch = view_batch(cfg.batch_size, V, geo.image_size, 1)
     elif name == "psfm":
         model = PSFM(models["psfm"], GeoBackbone(geo))
-        forward = geo_flops_per_sample(geo, V) + psfm_flops_per_sample(models["psfm"], geo, V)
+        heads = models["psfm"].pose_source == "pred"  # with true cameras PSFM runs the backbone without its heads
+        forward = geo_flops_per_sample(geo, V, heads) + psfm_flops_per_sample(models["psfm"], geo, V)
         batch = view_batch(cfg.batch_size, V, geo.image_size, models["psfm"].num_classes)
     else:
         config = replace(models["vlm"], lm=models["lm"], geo=geo, psfm=models["psfm"])

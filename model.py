@@ -401,9 +401,10 @@ def block_flops(dim, mlp_ratio, tokens, keys):
     return 2 * tokens * (4 * dim * dim + 2 * dim * hidden) + 4 * tokens * keys * dim
 
 
-def flops_per_sample(config, num_views):
+def flops_per_sample(config, num_views, heads=True):
     """Forward FLOPs for one sample of num_views views at config.image_size (a training step costs ~3x:
-    the backward pass is twice the forward). Counts matmuls and attention, as in the usual 6 * N * T estimate."""
+    the backward pass is twice the forward). Counts matmuls and attention, as in the usual 6 * N * T estimate.
+    heads=False: GeoBackbone.patch_tokens, the tokens without the depth, point and camera heads."""
     c = config
     n = (c.image_size // c.patch_size) ** 2
     vit_tokens, view_tokens = c.num_registers + n, 1 + c.num_registers + n
@@ -412,6 +413,8 @@ def flops_per_sample(config, num_views):
     flops += num_views * c.cross_depth * block_flops(c.dim, c.mlp_ratio, view_tokens, view_tokens)
     all_tokens = num_views * view_tokens
     flops += c.cross_depth * block_flops(c.dim, c.mlp_ratio, all_tokens, all_tokens)
+    if not heads:
+        return flops
     flops += num_views * n * 2 * c.dim * 4 * c.patch_size ** 2  # depth and point heads (1 + 3 values a pixel)
     flops += num_views * 2 * (c.dim * c.dim + c.dim * 11)  # camera head
     return flops

@@ -342,7 +342,8 @@ class PSFM(nn.Module):
 def flops_per_sample(config, geo_config, num_views):
     """Forward FLOPs of the trained part (encoder, decoder, heads) for one sample at geo_config.image_size,
     counted as model.flops_per_sample counts them. A training step costs about
-    model.flops_per_sample(geo_config, num_views) (the frozen backbone, forward only) + 3 x this."""
+    model.flops_per_sample(geo_config, num_views, heads=pose_source == "pred") (the frozen backbone, forward only;
+    with true query cameras its heads are skipped) + 3 x this."""
     c, g = config, geo_config
     n = (g.image_size // g.patch_size) ** 2
     context = num_context_views(num_views, c.mask_ratio)

@@ -322,7 +322,7 @@ def stage_functions(name, model, cfg):
                     flops=lambda batch: count(batch) * 3 * geo_flops_per_sample(model.config, cfg.num_views),
                     gates=lambda stage, cfg, run: geo_gates(stage.model, gate_batches(stage, stage.val_set, cfg, run)))
     if name == "psfm":  # the frozen backbone runs forward only
-        per_sample = (geo_flops_per_sample(model.backbone.config, cfg.num_views)
+        per_sample = (geo_flops_per_sample(model.backbone.config, cfg.num_views, heads=model.config.pose_source == "pred")
                       + 3 * psfm_flops_per_sample(model.config, model.backbone.config, cfg.num_views))
         return dict(loss=lambda m, batch: m(batch), weight=count, flops=lambda batch: count(batch) * per_sample,
                     gates=psfm_stage_gates)

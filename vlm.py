@@ -741,7 +741,7 @@ def flops_per_sample(config, num_images, text_tokens, training=False, cached_lat
     if c.spa3r == "psfm" and not cached_latent:
         p = c.psfm
         S = p.num_queries + p.num_registers + num_images * n
-        parts["spa3r_backbone"] = geo_flops_per_sample(g, num_images)
+        parts["spa3r_backbone"] = geo_flops_per_sample(g, num_images, heads=False)  # PSFM.encode: tokens only
         parts["spa3r_encoder"] = 2 * num_images * n * g.dim * p.dim + p.encoder_depth * block_flops(p.dim, p.mlp_ratio, S, S)
     if c.spa3r != "none":
         L, Ds = latent_shape(c)

@@ -371,6 +371,7 @@ def test_flops_per_sample_matches_counted_flops(views):
     images = torch.rand(1, views, 3, config.image_size, config.image_size)
     with torch.no_grad():
         assert count_flops(lambda: backbone(images)) == flops_per_sample(config, views)
+        assert count_flops(lambda: backbone.patch_tokens(images)) == flops_per_sample(config, views, heads=False)
 
 
 def test_reference_preset_size():
