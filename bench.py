@@ -32,6 +32,7 @@ from model import GeoBackbone
 from model import flops_per_sample as geo_flops_per_sample
 from psfm import PSFM
 from psfm import flops_per_sample as psfm_flops_per_sample
+from psfm import backbone_flops_per_sample as psfm_backbone_flops
 
 
 @dataclass
@@ -89,8 +90,7 @@ def build(name, preset, cfg, bench):
         batch = view_batch(cfg.batch_size, V, geo.image_size, 1)
     elif name == "psfm":
         model = PSFM(models["psfm"], GeoBackbone(geo))
-        heads = models["psfm"].pose_source == "pred"  # with true cameras PSFM runs the backbone without its heads
-        forward = geo_flops_per_sample(geo, V, heads) + psfm_flops_per_sample(models["psfm"], geo, V)
+        forward = psfm_backbone_flops(models["psfm"], geo, V) + psfm_flops_per_sample(models["psfm"], geo, V)
         batch = view_batch(cfg.batch_size, V, geo.image_size, models["psfm"].num_classes)
     else:
         config = replace(models["vlm"], lm=models["lm"], geo=geo, psfm=models["psfm"])
@@ -163,7 +163,7 @@ def loader(preset, samples=24, workers=0):
             dataset[i]
         per_s = samples / (time.time() - start)
         workers_per_s = loader_rate(dataset, workers) if workers else None
-    train_flops = geo_flops_per_sample(geo, V) + 3 * psfm_flops_per_sample(models["psfm"], geo, V)
+    train_flops = psfm_backbone_flops(models["psfm"], geo, V) + 3 * psfm_flops_per_sample(models["psfm"], geo, V)
     return {"views": V, "res": geo.image_size, "per_s": per_s, "workers": workers, "workers_per_s": workers_per_s,
             "needed": needed_samples_per_s(train_flops)}
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from model import (MLP, Block, apply_rope, block_flops, check_batch, check_fields, grid_positions, init_weights, invert_rigid,
                    masked_mean, patchify, relative_to_view0, rope_cos_sin)
+from model import flops_per_sample as geo_flops_per_sample
 
 
 @dataclass
@@ -339,11 +340,16 @@ class PSFM(nn.Module):
         return sum(terms.values()), {k: v.detach() for k, v in terms.items()}
 
 
+def backbone_flops_per_sample(config, geo_config, num_views):
+    """Forward FLOPs of the frozen backbone in PSFM.context_pass: its heads run only when the query cameras are
+    its own predictions (pose_source "pred"); with true cameras it gives tokens alone."""
+    return geo_flops_per_sample(geo_config, num_views, heads=config.pose_source == "pred")
+
+
 def flops_per_sample(config, geo_config, num_views):
     """Forward FLOPs of the trained part (encoder, decoder, heads) for one sample at geo_config.image_size,
     counted as model.flops_per_sample counts them. A training step costs about
-    model.flops_per_sample(geo_config, num_views, heads=pose_source == "pred") (the frozen backbone, forward only;
-    with true query cameras its heads are skipped) + 3 x this."""
+    backbone_flops_per_sample(...) (the frozen backbone, forward only) + 3 x this."""
     c, g = config, geo_config
     n = (g.image_size // g.patch_size) ** 2
     context = num_context_views(num_views, c.mask_ratio)

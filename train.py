@@ -51,6 +51,7 @@ from model import GeoBackbone, GeoConfig, geo_loss, init_weights, relative_to_vi
 from model import flops_per_sample as geo_flops_per_sample
 from psfm import PSFM, Spa3RConfig, Spa3REncoder, patch_log_depth
 from psfm import flops_per_sample as psfm_flops_per_sample
+from psfm import backbone_flops_per_sample as psfm_backbone_flops
 
 STAGES = ("geo", "psfm", "vlm")
 
@@ -322,7 +323,7 @@ def stage_functions(name, model, cfg):
                     flops=lambda batch: count(batch) * 3 * geo_flops_per_sample(model.config, cfg.num_views),
                     gates=lambda stage, cfg, run: geo_gates(stage.model, gate_batches(stage, stage.val_set, cfg, run)))
     if name == "psfm":  # the frozen backbone runs forward only
-        per_sample = (geo_flops_per_sample(model.backbone.config, cfg.num_views, heads=model.config.pose_source == "pred")
+        per_sample = (psfm_backbone_flops(model.config, model.backbone.config, cfg.num_views)
                       + 3 * psfm_flops_per_sample(model.config, model.backbone.config, cfg.num_views))
         return dict(loss=lambda m, batch: m(batch), weight=count, flops=lambda batch: count(batch) * per_sample,
                     gates=psfm_stage_gates)
@@ -964,10 +965,10 @@ def probe_gates(model, train_batches, val_batches, rooms_of, seed, quantities=RO
         return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(ys)
     (train_x, train_y), (val_x, val_y) = collect(train_batches), collect(val_batches)
     sq = {name: (ridge_fit_predict(train_x[name], train_y, val_x[name]) - val_y) ** 2 for name in train_x}
+    randoms = [name for name in sq if name.startswith("random encoder")]
     rows = []
     for j, quantity in enumerate(PROBES[q] for q in quantities):
         score = {name: float(r2(sq[name][:, j:j + 1], val_y[:, j:j + 1])) for name in sq}
-        randoms = [name for name in sq if name.startswith("random encoder")]
         strongest = max(randoms, key=score.get)
         shown = f"ViT features {score['ViT features']:.2f}; random encoders " + ", ".join(f"{score[n]:.2f}" for n in randoms)
         rows.append(gate_row(f"probe R² {quantity} ({shown})", sq["latent"][:, j],

@@ -257,6 +257,23 @@ def test_flops_per_sample_matches_counted_flops(camera_attention):
         assert count_flops(forward) == flops_per_sample(psfm.config, geo, 4)
 
 
+@pytest.mark.parametrize("pose_source", ["pred", "gt"])
+def test_backbone_flops_bill_what_the_context_pass_runs(pose_source):
+    """The frozen backbone's FLOPs in context_pass, counted: with true cameras it runs without its heads."""
+    import psfm as psfm_module
+    model = tiny_psfm(pose_source=pose_source)
+    batch = with_context(synthetic_batch(), 0)
+    calls = []
+    model.backbone.register_forward_hook(lambda *args: calls.append("forward"))  # the heads run only in forward
+    with torch.no_grad():
+        counted = count_flops(lambda: model.backbone.patch_tokens(batch["images"], batch["context"]) if pose_source == "gt"
+                              else model.backbone(batch["images"], batch["context"]))
+        calls.clear()
+        model.context_pass(batch)
+    assert calls == (["forward"] if pose_source == "pred" else [])
+    assert counted == 2 * psfm_module.backbone_flops_per_sample(model.config, model.backbone.config, 4)  # 2 samples
+
+
 def test_reference_preset_is_the_papers_size():
     c = Spa3RConfig.reference()
     assert (c.dim, c.num_queries, c.encoder_depth, c.decoder_depth, c.num_heads) == (768, 256, 6, 6, 12)
