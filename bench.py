@@ -13,6 +13,7 @@ Usage:
     python bench.py                                    # reference preset on CUDA, tiny elsewhere
     python bench.py --stages=vlm --vlm_images=8 --compile
     python bench.py --preset=reference --loader_workers=8
+    python bench.py --preset=reference --stages=psfm --compile --profile   # where a step's device time goes
 Every BenchConfig field is a --key=value flag.
 """
 import math
@@ -50,14 +51,16 @@ class BenchConfig:
     device: str = ""            # cuda | mps | cpu; empty: as train.py picks
     seed: int = 0
     loader_workers: int = 0     # also time a DataLoader of this many worker processes (0: one process only)
+    profile: bool = False       # then profile 2 more steps: device time by kind of kernel, the longest kernels
 
 
 def view_batch(B, V, res, num_classes):
-    """A PSFM batch (data.collate_views) of random content: images, depth, K, pose (identity), semantic."""
+    """A PSFM batch as data.collate_views makes it, of random content: uint8 images, depth, K, pose (identity),
+    int16 semantic. Compact as the loader's, so the step copies to the GPU what train.py's copies."""
     K = torch.tensor([[res, 0, res / 2], [0, res, res / 2], [0, 0, 1.0]])
-    return {"images": torch.rand(B, V, 3, res, res), "depth": 1 + 4 * torch.rand(B, V, res, res),
-            "K": K.repeat(B, V, 1, 1), "pose": torch.eye(4).repeat(B, V, 1, 1),
-            "semantic": torch.randint(num_classes, (B, V, res, res))}
+    return {"images": torch.randint(256, (B, V, 3, res, res), dtype=torch.uint8),
+            "depth": 1 + 4 * torch.rand(B, V, res, res), "K": K.repeat(B, V, 1, 1), "pose": torch.eye(4).repeat(B, V, 1, 1),
+            "semantic": torch.randint(num_classes, (B, V, res, res), dtype=torch.int16)}
 
 
 def vlm_batch(config, B, num_images, text_tokens):
@@ -128,11 +131,63 @@ def measure(name, bench, preset, device):
     sync()
     seconds = time.time() - log.started
     params = list(stage.model.parameters())
-    return {"stage": name, "preset": preset, "batch": cfg.batch_size, "views": cfg.num_views, "forward": forward,
-            "trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params),
-            "samples_per_s": bench.steps * cfg.batch_size / seconds if bench.steps else None,
-            "flops_per_s": log.flops / seconds if bench.steps else None,
-            "memory": torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None}
+    result = {"stage": name, "preset": preset, "batch": cfg.batch_size, "views": cfg.num_views, "forward": forward,
+              "trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params),
+              "samples_per_s": bench.steps * cfg.batch_size / seconds if bench.steps else None,
+              "flops_per_s": log.flops / seconds if bench.steps else None,
+              "memory": torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None}
+    step = lambda: train.train_step(stage, runner, optimizer, [batch], 0, cfg, run, log)  # noqa: E731
+    return {**result, "profile": profile(step, device) if bench.profile else None}  # after the counts are read
+
+
+# what fills a step: kernels (CUDA) or aten ops (CPU) by kind, the first kind a name contains; else elementwise
+KERNEL_KINDS = (("elementwise", ("triton_poi", "triton_red", "triton_per")),  # torch.compile's fused kernels
+                ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem", "aten::mm", "aten::addmm", "aten::bmm",
+                            "convolution")),
+                ("attention", ("flash", "fmha", "attention", "sdpa")),
+                ("optimizer", ("adam", "multi_tensor")),
+                ("copy, cast", ("memcpy", "memset", "copy")))
+
+
+def kernel_kind(name):
+    name = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in name for p in parts)), "elementwise")
+
+
+def profile(step, device, steps=2):
+    """torch.profiler over `steps` calls of step() -> a few lines: busy time (the device's kernels on CUDA, the
+    aten ops' own time on CPU) against the wall clock, its shares by kernel_kind, and the 8 longest kernels."""
+    from torch.profiler import ProfilerActivity
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    sync = getattr(torch, device.type).synchronize
+    sync()
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.time()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = time.time() - start
+    # the kernels themselves on CUDA (an aten op's row repeats its kernels' time); the ops' own time on CPU
+    kernels = [e for e in prof.key_averages() if (e.device_type == torch.autograd.DeviceType.CUDA if cuda
+                                                   else e.key.startswith("aten::"))]
+    times = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total, e.count) for e in kernels}
+    return profile_lines(times, wall * 1e6 / steps, steps, device.type)
+
+
+def profile_lines(times, wall_us, steps, where, top=15):
+    """times {kernel name: (microseconds, calls) over `steps` steps}, wall_us a step's wall time -> the summary:
+    busy time per step and its shares by kernel_kind, then the `top` longest kernels."""
+    busy = sum(us for us, _ in times.values())
+    kinds = {}
+    for name, (us, _) in times.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0) + us
+    shares = " | ".join(f"{kind} {100 * us / busy:.0f} %" for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    lines = [f"  profile ({where}, per step): busy {busy / steps / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall; "
+             f"of the busy time: {shares}", "    ms/step  calls/step  kind        name"]
+    for name, (us, calls) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"    {us / steps / 1e3:7.2f}  {calls / steps:10.0f}  {kernel_kind(name):<11} {name[:90]}")
+    return "\n".join(lines)
 
 
 H100_BF16 = 989e12  # dense bf16 FLOP/s of an H100 SXM (train.PEAK_BF16_FLOPS)
@@ -233,6 +288,8 @@ def main(argv):
         r = measure(name, bench, preset, device)
         memory = f"{r['memory']:.1f} GiB" if r["memory"] is not None else "-"
         print("| " + " | ".join(row(r, bench, device) + [memory]) + " |", flush=True)
+        if r["profile"]:
+            print(r["profile"], flush=True)
         if cuda:
             torch.cuda.empty_cache()
     feed = loader(preset, samples=24 if bench.loader_workers <= 1 else 16 * 4 * bench.loader_workers,

@@ -40,6 +40,45 @@ def test_geo_and_psfm_steps_count_the_flops_of_their_stage_functions(views):
     assert step_flops_per_sample(psfm) == pytest.approx(geo_flops(g, views) + 3 * psfm_flops(s, g, views), rel=1e-9)
 
 
+def test_profiling_leaves_the_counted_flops_and_rates_alone():
+    """--profile runs two more steps after the timed ones: they must not be credited to the timed ones."""
+    g, s = GeoConfig.tiny(), Spa3RConfig.tiny()
+    r = run("psfm", num_views=2, profile=True)
+    assert step_flops_per_sample(r) == pytest.approx(geo_flops(g, 2) + 3 * psfm_flops(s, g, 2), rel=1e-9)
+    assert "profile (cpu, per step)" in r["profile"] and "aten::mm" in r["profile"]
+
+
+def test_kernels_are_sorted_into_kinds_and_the_shares_add_up():
+    names = {"nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN": "matmul",  # names seen on an H100
+             "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64": "attention",
+             "triton_poi_fused__to_copy_add_arange_cat_cos_div_expand_mul_neg_pow_sin_slice_unsqueeze_8": "elementwise",
+             "triton_red_fused__scaled_dot_product_flash_attention_backward_sum_3": "elementwise",  # a fused kernel
+             "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+             "Memcpy HtoD (Pinned -> Device)": "copy, cast", "aten::addmm": "matmul",
+             "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::gelu": "elementwise"}
+    assert {name: bench.kernel_kind(name) for name in names} == names
+    times = {"aten::mm": (6000, 8), "aten::gelu": (3000, 4), "aten::mul": (1000, 2)}  # (us, calls) over 2 steps
+    lines = bench.profile_lines(times, 8000, 2, "cpu", top=2).splitlines()
+    assert lines[0] == ("  profile (cpu, per step): busy 5.0 ms of 8.0 ms wall; of the busy time: "
+                        "matmul 60 % | elementwise 40 %")
+    assert [line.split() for line in lines[2:]] == [["3.00", "4", "matmul", "aten::mm"],
+                                                    ["1.50", "2", "elementwise", "aten::gelu"]]
+
+
+def test_the_synthetic_view_batch_is_what_the_loader_collates(tmp_path):
+    """Same fields, shapes and dtypes as data.collate_views of real samples: the benchmark's step copies the
+    bytes a training step copies (copying float32 images and int64 class ids took 5.6 ms of a 193 ms psfm step
+    on an H100)."""
+    import generate_spar
+    generate_spar.generate(generate_spar.GenConfig(out=str(tmp_path), scenes=1, val_scenes=0, views=6, random_views=0,
+                                                   res=32, qa_per_task=1, vocab_size=0))
+    dataset = data.SceneViewsDataset(str(tmp_path), "train", 3, 32, samples_per_scene=2)
+    real = data.collate_views([dataset[0], dataset[1]])
+    synthetic = bench.view_batch(2, 3, 32, 27)
+    assert {k: (v.shape, v.dtype) for k, v in synthetic.items()} == \
+        {k: (real[k].shape, real[k].dtype) for k in synthetic}
+
+
 def test_psfm_counts_the_frozen_backbone_as_not_trainable():
     r = run("psfm")
     assert r["total"] - r["trainable"] == sum(p.numel() for p in GeoBackbone(GeoConfig.tiny()).parameters())
