@@ -67,8 +67,7 @@ class LMConfig:
 
 def rotary(positions, head_dim, theta):
     """positions (B, T) -> cos, sin (B, 1, T, head_dim). Llama's layout: channels j and j + head_dim / 2 turn
-    together, at frequency theta^(-2j / head_dim). Computed in fp32 every call (no table to keep); apply_rotary
-    casts it to the activations' dtype."""
+    together, at frequency theta^(-2j / head_dim). In fp32; apply_rotary casts it to the activations' dtype."""
     freqs = theta ** (-torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions[..., None].float() * freqs  # (B, T, head_dim / 2)
     angles = torch.cat([angles, angles], -1)[:, None]  # (B, 1, T, head_dim)
@@ -186,6 +185,11 @@ class LM(nn.Module):
         self.layers = nn.ModuleList(LMBlock(c, i) for i in range(c.n_layers))
         self.norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
+        # every position's rotation, looked up by position: made inside the step, torch.compile would recompute
+        # its sines and cosines in each layer's kernels (model.Rope2D says what that cost)
+        cos, sin = rotary(torch.arange(c.max_seq_len)[None], c.dim // c.n_heads, c.rope_theta)  # (1, 1, S, hd)
+        self.register_buffer("rope_cos", cos[0, 0], persistent=False)  # (S, hd); not in checkpoints
+        self.register_buffer("rope_sin", sin[0, 0], persistent=False)
         self.init_weights()
 
     def init_weights(self):
@@ -215,7 +219,7 @@ class LM(nn.Module):
         length = cache.length if cache is not None else T  # >= every position, so no look at the values (a sync)
         if length > c.max_seq_len:
             raise ValueError(f"vlm.py: a sequence of {length} tokens exceeds LMConfig.max_seq_len {c.max_seq_len}")
-        rope = rotary(positions, c.dim // c.n_heads, c.rope_theta)
+        rope = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hd) each
         for layer in self.layers:
             x = layer(x, rope, mask, cache)
         x = self.norm(x)
@@ -529,7 +533,9 @@ class SpaVLM(nn.Module):
         if self.spa3r is not None:
             self.spa3r.load_state_dict(state)
 
-    @torch.compiler.disable  # host-side grouping of a frozen forward: torch.compile leaves it eager
+    # the host-side grouping stays eager under torch.compile; the PSFM.encode calls in it are compiled, each image
+    # count its own graph (a third of a vlm step's FLOPs are Spa3R's)
+    @torch.compiler.disable(recursive=False)
     def spatial_latent(self, images, num_images):
         """(B, L, Ds): PSFM.encode of each record's images, num_images (B,) on the host. Records with the same
         image count share one call."""

@@ -87,6 +87,15 @@ def test_rotary_scores_depend_only_on_relative_position():
     assert torch.equal(apply_rotary(q, cos, sin), q)  # position 0 is left as it is
 
 
+def test_the_lm_looks_its_rotations_up_in_a_table_that_checkpoints_leave_out():
+    lm = tiny_lm()
+    positions = torch.tensor([[0, 1, 2, 3], [0, 0, 5, 1023]])  # left padding repeats position 0; the last slot
+    cos, sin = rotary(positions, lm.config.dim // lm.config.n_heads, lm.config.rope_theta)
+    assert torch.equal(lm.rope_cos[positions][:, None], cos) and torch.equal(lm.rope_sin[positions][:, None], sin)
+    assert len(lm.rope_cos) == lm.config.max_seq_len
+    assert not any(key.startswith("rope_") for key in lm.state_dict())  # checkpoints and load_llama unchanged
+
+
 def test_changing_a_later_token_never_changes_earlier_logits():
     lm = tiny_lm()
     ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
