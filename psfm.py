@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (MLP, Block, apply_rope, block_flops, check_batch, check_fields, grid_positions, init_weights, invert_rigid,
-                   masked_mean, patchify, relative_to_view0, rope_cos_sin)
+from model import (MLP, Block, Rope2D, apply_rope, block_flops, check_batch, check_fields, grid_positions, init_weights,
+                   invert_rigid, masked_mean, patchify, relative_to_view0, rope_cos_sin)
 from model import flops_per_sample as geo_flops_per_sample
 
 
@@ -167,6 +167,7 @@ class Spa3REncoder(nn.Module):
         self.queries = nn.Parameter(torch.randn(c.num_queries, c.dim) * 0.02)
         self.registers = nn.Parameter(torch.randn(c.num_registers, c.dim) * 0.02)
         self.blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.mlp_ratio) for _ in range(c.encoder_depth))
+        self.rope = Rope2D(c.dim // c.num_heads, c.rope_base)
         self.norm = nn.LayerNorm(c.dim)
 
     def forward(self, tokens, grid_hw):
@@ -179,7 +180,7 @@ class Spa3REncoder(nn.Module):
         x = torch.cat([free, x], 1)  # (B, L + R + Vc * N, D)
         patch_pos = grid_positions(*grid_hw, 0, x.device)  # (N, 2), from (1, 1); queries and registers at (0, 0)
         pos = torch.cat([patch_pos.new_zeros(len(free[0]), 2), patch_pos.repeat(Vc, 1)])
-        rope = rope_cos_sin(pos, c.dim // c.num_heads, c.rope_base)
+        rope = self.rope(pos)
         for block in self.blocks:
             x = block(x, rope)
         return self.norm(x[:, :c.num_queries])

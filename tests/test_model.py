@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import model
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import (ViT, Attention, GeoBackbone, GeoConfig, apply_rope, flops_per_sample, geo_loss, grid_positions,
+from model import (ViT, Attention, GeoBackbone, GeoConfig, Rope2D, apply_rope, flops_per_sample, geo_loss, grid_positions,
                    position_embedding, relative_to_view0, rope_cos_sin, rotation_from_6d)
 
 
@@ -119,6 +119,16 @@ def test_rope_scores_depend_only_on_position_difference():
     assert not torch.allclose(scores(pos), scores(pos * 2), atol=1e-3)
     cos, sin = rope_cos_sin(torch.zeros(5, 2), 16, 100.0)  # position (0, 0) leaves a token as it is
     assert torch.equal(apply_rope(q, cos, sin), q)
+
+
+def test_rope_tables_give_what_the_formula_gives_and_stay_out_of_checkpoints():
+    rope = Rope2D(16, 100.0)
+    for positions in (grid_positions(3, 5, 2), grid_positions(511, 1, 0), torch.tensor([[7.0, 300.0]])):
+        looked_up, computed = rope(positions), rope_cos_sin(positions, 16, 100.0)
+        assert all(torch.equal(a, b) for a, b in zip(looked_up, computed))  # bit for bit: runs do not change
+    assert dict(Rope2D(16, 100.0).state_dict()) == {} and "vit.rope.cos" not in GeoBackbone(GeoConfig()).state_dict()
+    with pytest.raises(ValueError, match="a 512 x 2 patch grid"):
+        grid_positions(512, 2, 0)
 
 
 def test_a_flat_image_patch_tokens_know_where_they_sit(monkeypatch):
