@@ -139,6 +139,17 @@ def test_a_training_step_compiles_to_one_graph(stage):
     assert explained.graph_break_count == 0, [str(r.reason).split("\n")[0] for r in explained.break_reasons]
 
 
+def test_the_vlm_step_compiles_spa3r_inside_its_eager_grouping():
+    """Without a cached latent, SpaVLM.spatial_latent groups records on the host (left eager), but the
+    PSFM.encode calls inside it, a third of a step's FLOPs, must still be traced and compiled."""
+    defaults, _ = train.stage_config([], "vlm", "tiny", False)
+    built, batch, _ = bench.build("vlm", "tiny", replace(defaults, batch_size=2), bench.BenchConfig(preset="tiny"))
+    explained = torch._dynamo.explain(lambda b: built.loss(built.model, b))(data.to_device(batch, CPU))
+    torch._dynamo.reset()
+    traced = [node.meta.get("stack_trace") or "" for graph in explained.graphs for node in graph.graph.nodes]
+    assert any("in encode" in trace and "psfm.py" in trace for trace in traced)
+
+
 # ----------------------------------------------------------------------------- on CUDA only (skipped elsewhere)
 
 @contextmanager
