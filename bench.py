@@ -142,9 +142,9 @@ def measure(name, bench, preset, device):
 
 # what fills a step: kernels (CUDA) or aten ops (CPU) by kind, the first kind a name contains; else elementwise
 KERNEL_KINDS = (("elementwise", ("triton_poi", "triton_red", "triton_per")),  # torch.compile's fused kernels
+                ("attention", ("flash", "fmha", "attention", "sdpa")),  # before matmul: fmha_cutlassF_... is attention
                 ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem", "aten::mm", "aten::addmm", "aten::bmm",
                             "convolution")),
-                ("attention", ("flash", "fmha", "attention", "sdpa")),
                 ("optimizer", ("adam", "multi_tensor")),
                 ("copy, cast", ("memcpy", "memset", "copy")))
 
@@ -156,7 +156,7 @@ def kernel_kind(name):
 
 def profile(step, device, steps=2):
     """torch.profiler over `steps` calls of step() -> a few lines: busy time (the device's kernels on CUDA, the
-    aten ops' own time on CPU) against the wall clock, its shares by kernel_kind, and the 8 longest kernels."""
+    aten ops' own time on CPU) against the wall clock, its shares by kernel_kind, and the 15 longest kernels."""
     from torch.profiler import ProfilerActivity
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda

@@ -78,10 +78,14 @@ def check_fields(config, where, positive=()):
 
 # ----------------------------------------------------------------------------- 2D RoPE
 
+ROPE_POSITIONS = 512  # rows and columns 0..511: Rope2D's tables, so grids up to 511 patches a side
+
+
 def grid_positions(grid_h, grid_w, num_special, device=None):
     """(num_special + grid_h * grid_w, 2) (row, col): special tokens at (0, 0), patches from (1, 1) row-major."""
-    if max(grid_h, grid_w) >= 512:
-        raise ValueError(f"model.py: a {grid_h} x {grid_w} patch grid; RoPE's tables (Rope2D) hold 511 patches a side")
+    if max(grid_h, grid_w) >= ROPE_POSITIONS:
+        raise ValueError(f"model.py: a {grid_h} x {grid_w} patch grid; RoPE's tables (Rope2D) hold "
+                         f"{ROPE_POSITIONS - 1} patches a side")
     rows = torch.arange(1, grid_h + 1, device=device).repeat_interleave(grid_w)
     cols = torch.arange(1, grid_w + 1, device=device).repeat(grid_h)
     patches = torch.stack([rows, cols], 1)
@@ -99,10 +103,9 @@ def rope_cos_sin(positions, head_dim, base):
 class Rope2D(nn.Module):
     """rope_cos_sin of integer positions, read from per-axis tables made once (buffers, left out of checkpoints).
     Made inside a training step, torch.compile recomputes the tables' sines and cosines in each block's kernels
-    instead of reading them (on an H100, tables here and in vlm.LM took the compiled vlm step from 1040 to 1170
-    samples/s; psfm, with fewer rotated tokens per FLOP, moved 1 %). Same numbers, bit for bit."""
+    instead of reading them (README: what that cost on an H100). On the CPU the same numbers, bit for bit."""
 
-    def __init__(self, head_dim, base, max_position=512):
+    def __init__(self, head_dim, base, max_position=ROPE_POSITIONS):
         super().__init__()
         axis = torch.arange(max_position).float()[:, None].expand(-1, 2)  # (P, 2): position p on both axes
         cos, sin = rope_cos_sin(axis, head_dim, base)  # (P, head_dim): quarters [row, row, col, col], row == col

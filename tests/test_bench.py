@@ -51,6 +51,7 @@ def test_profiling_leaves_the_counted_flops_and_rates_alone():
 def test_kernels_are_sorted_into_kinds_and_the_shares_add_up():
     names = {"nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN": "matmul",  # names seen on an H100
              "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64": "attention",
+             "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel)": "attention",
              "triton_poi_fused__to_copy_add_arange_cat_cos_div_expand_mul_neg_pow_sin_slice_unsqueeze_8": "elementwise",
              "triton_red_fused__scaled_dot_product_flash_attention_backward_sum_3": "elementwise",  # a fused kernel
              "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",

@@ -131,6 +131,28 @@ def test_rope_tables_give_what_the_formula_gives_and_stay_out_of_checkpoints():
         grid_positions(512, 2, 0)
 
 
+class FormulaRope(torch.nn.Module):
+    """rope_cos_sin itself, in Rope2D's place: what the tables must reproduce wherever a model reads them."""
+
+    def __init__(self, head_dim, base):
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+
+    def forward(self, positions):
+        return rope_cos_sin(positions, self.head_dim, self.base)
+
+
+def test_the_backbone_reads_its_rope_tables_at_its_tokens_positions():
+    torch.manual_seed(0)
+    c = GeoConfig(num_registers=3)
+    backbone, images = GeoBackbone(c), torch.rand(2, 3, 3, 24, 40)  # a 3 x 5 grid: rows and columns differ
+    context = torch.tensor([[True, False, True], [True, True, False]])
+    with torch.no_grad():
+        tables = backbone.patch_tokens(images, context)
+        backbone.rope = FormulaRope(c.dim // c.num_heads, c.rope_base)
+        assert torch.equal(backbone.patch_tokens(images, context), tables)
+
+
 def test_a_flat_image_patch_tokens_know_where_they_sit(monkeypatch):
     """Every patch of a one-colour image looks the same. RoPE moves attention scores, not content: without the
     position embedding only the registers' position-dependent scores tell the patch tokens apart (a little);

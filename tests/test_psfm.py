@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from model import Attention, GeoBackbone, GeoConfig, grid_positions, relative_to_view0
-from psfm import (PRoPE, PSFM, Spa3RConfig, camera_rays, feature_loss, flops_per_sample, num_context_views,
+from psfm import (PRoPE, PSFM, Spa3RConfig, Spa3REncoder, camera_rays, feature_loss, flops_per_sample, num_context_views,
                   patch_centres, patch_log_depth, plucker_rays, prope_matrices, sample_context, semantic_field)
-from test_model import count_flops, look_pose, synthetic_batch, trained_backbone, watched_sdpa
+from test_model import FormulaRope, count_flops, look_pose, synthetic_batch, trained_backbone, watched_sdpa
 
 
 def tiny_psfm(seed=0, **overrides):
@@ -342,3 +342,13 @@ def test_the_latent_reads_exactly_the_context_views_in_order():
     wrong[0] = True
     with pytest.raises(RuntimeError, match=r"batch\['context'\] must hold 4 views in every row"):
         model.context_pass({**batch, "context": wrong})
+
+
+def test_the_encoder_reads_its_rope_tables_at_its_tokens_positions():
+    torch.manual_seed(0)
+    c = Spa3RConfig()
+    encoder, tokens = Spa3REncoder(c, 32), torch.randn(2, 3, 15, 32)  # 3 context views of a 3 x 5 grid
+    with torch.no_grad():
+        tables = encoder(tokens, (3, 5))
+        encoder.rope = FormulaRope(c.dim // c.num_heads, c.rope_base)
+        assert torch.equal(encoder(tokens, (3, 5)), tables)
