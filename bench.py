@@ -55,11 +55,12 @@ class BenchConfig:
 
 
 def view_batch(B, V, res, num_classes):
-    """A PSFM batch as data.collate_views makes it, of random content: uint8 images, depth, K, pose (identity),
-    int16 semantic. Compact as the loader's, so the step copies to the GPU what train.py's copies."""
+    """A PSFM batch as data.collate_views makes it, of random content: uint8 images, float16 depth, K, pose
+    (identity), int16 semantic. Compact as the loader's, so the step copies to the GPU what train.py's copies."""
     K = torch.tensor([[res, 0, res / 2], [0, res, res / 2], [0, 0, 1.0]])
     return {"images": torch.randint(256, (B, V, 3, res, res), dtype=torch.uint8),
-            "depth": 1 + 4 * torch.rand(B, V, res, res), "K": K.repeat(B, V, 1, 1), "pose": torch.eye(4).repeat(B, V, 1, 1),
+            "depth": (1 + 4 * torch.rand(B, V, res, res)).half(), "K": K.repeat(B, V, 1, 1),
+            "pose": torch.eye(4).repeat(B, V, 1, 1),
             "semantic": torch.randint(num_classes, (B, V, res, res), dtype=torch.int16)}
 
 

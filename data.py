@@ -328,8 +328,8 @@ def scene_cameras(path):
 
 
 def read_views(path, views, meta):
-    """Some views of a scene file: rgb, depth (float32), instance, K and pose of those views alone, read through
-    safetensors' slices, so the other views' bytes are never read; checked as load_scene checks a whole scene."""
+    """Some views of a scene file: rgb, depth (float16, as stored), instance, K and pose of those views alone, read
+    through safetensors' slices, so the other views' bytes are never read; checked as load_scene checks a scene."""
     tensor_path, meta_path = scene_files(path)
     with open_tensors(tensor_path) as f:
         missing = [key for key in ("rgb", "depth", "instance", "K", "pose") if key not in f.keys()]
@@ -343,7 +343,7 @@ def read_views(path, views, meta):
         arrays = {key: np.concatenate([f.get_slice(key)[int(v):int(v) + 1] for v in views])
                   for key in ("rgb", "depth", "instance", "K", "pose")}
     check_scene(arrays, meta, tensor_path, meta_path, total_views=total)
-    return {**arrays, "depth": arrays["depth"].astype(np.float32), "meta": meta}
+    return {**arrays, "meta": meta}
 
 
 def check_split(meta, path):
@@ -505,10 +505,11 @@ class SceneViewsDataset(torch.utils.data.Dataset):
             pick = torch.randperm(len(nearest), generator=generator)[:self.num_views - 1].numpy()
             views = np.concatenate([views[:1], nearest[pick]])
         scene = read_views(os.path.join(self.scene_dir, scene_id), views, meta)  # only these views are read
-        # uint8 images and int16 class ids travel to the training process (a third of the bytes of float32 and
-        # int64: the DataLoader's shared memory was its bottleneck); data.to_device widens them on the device
+        # uint8 images, float16 depth (as stored: exact) and int16 class ids travel to the training process (a
+        # third of the bytes of float32 and int64: the DataLoader's shared memory was its bottleneck);
+        # data.to_device widens them on the device
         images = torch.from_numpy(scene["rgb"]).permute(0, 3, 1, 2)  # (V, 3, H, W) uint8
-        depth = torch.from_numpy(scene["depth"])  # (V, H, W)
+        depth = torch.from_numpy(scene["depth"])  # (V, H, W) float16; resize_views keeps values (nearest)
         semantic = torch.from_numpy(semantic_map(scene["instance"], meta["objects"]).astype(np.int16))
         K = torch.from_numpy(scene["K"].copy())
         if self.res is not None:
@@ -527,22 +528,25 @@ def hash_seed(*values):
 
 def to_device(batch, device):
     """A batch on the device as the models take it: batches travel compact (data.collate_views, vlm.collate) and
-    are widened there, uint8 images to floats in [0, 1] and int16 class ids to int64. "num_images" stays on the
+    are widened there, uint8 images to floats in [0, 1], float16 depth to float32 and int16 class ids to int64.
+    "num_images" stays on the
     host: how a batch's images split into records decides the shapes of the computation, and reading it back
     from the GPU would stall every step."""
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "num_images" else v
              for k, v in batch.items()}
     if torch.is_tensor(batch.get("images")) and batch["images"].dtype == torch.uint8:
         batch["images"] = batch["images"].float() / 255
+    if "depth" in batch:
+        batch["depth"] = batch["depth"].float()
     if "semantic" in batch:
         batch["semantic"] = batch["semantic"].long()
     return batch
 
 
 def collate_views(items):
-    """Stack SceneViewsDataset items: images (B,V,3,H,W) uint8, depth (B,V,H,W), K (B,V,3,3), pose (B,V,4,4),
-    semantic (B,V,H,W) int16, views (B,V) and with a mask context (B,V); `scene` stays a list. to_device
-    makes the images floats in [0, 1] and the class ids int64, as the models take them."""
+    """Stack SceneViewsDataset items: images (B,V,3,H,W) uint8, depth (B,V,H,W) float16, K (B,V,3,3), pose
+    (B,V,4,4), semantic (B,V,H,W) int16, views (B,V) and with a mask context (B,V); `scene` stays a list.
+    to_device makes the images floats in [0, 1], depth float32 and the class ids int64, as the models take them."""
     batch = {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "scene"}
     batch["scene"] = [item["scene"] for item in items]
     return batch

@@ -171,6 +171,7 @@ def test_scene_views_dataset_shapes_and_determinism(dataset_dir):
     assert batch["images"].shape == (2, 4, 3, 48, 48) and batch["semantic"].dtype == torch.int16
     ready = train.to_device(batch, torch.device("cpu"))  # as the models take it
     assert ready["images"].dtype == torch.float32 and ready["semantic"].dtype == torch.int64
+    assert batch["depth"].dtype == torch.float16 and ready["depth"].dtype == torch.float32
     assert torch.equal(ready["images"], batch["images"].float() / 255) and torch.equal(ready["semantic"], batch["semantic"].long())
     with pytest.raises(ValueError, match="images must be floats in"):  # a compact batch is refused, not misread
         GeoBackbone(GeoConfig.tiny()).aggregate(batch["images"])
@@ -221,7 +222,7 @@ def test_views_are_read_alone_and_equal_a_whole_scene_read(dataset_dir):
         whole = data.load_scene(os.path.join(dataset.scene_dir, item["scene"]))
         v = item["views"].numpy()
         assert torch.equal(item["images"], torch.from_numpy(whole["rgb"][v]).permute(0, 3, 1, 2))
-        assert torch.equal(item["depth"], torch.from_numpy(whole["depth"][v]))
+        assert item["depth"].dtype == torch.float16 and torch.equal(item["depth"].float(), torch.from_numpy(whole["depth"][v]))
         assert torch.equal(item["pose"], torch.from_numpy(whole["pose"][v])) and torch.equal(item["K"], torch.from_numpy(whole["K"][v]))
         semantic = data.semantic_map(whole["instance"][v], whole["meta"]["objects"])
         assert torch.equal(item["semantic"], torch.from_numpy(semantic))
