@@ -9,7 +9,8 @@
 #   4. bench.py: samples/s, TFLOP/s and MFU per stage, and the data loader's samples/s (one process and a
 #      DataLoader of 8 workers) against what the GPU consumes
 #   5. the CUDA-only tests (which SDPA kernel each attention gets at the reference preset); skipped on a CPU
-#   6. bench.py again with torch.compile (last: compiling takes the longest)
+#   6. bench.py again with torch.compile and --profile: where each compiled step's time goes (last: compiling
+#      takes the longest)
 #
 # Usage: bash gpu_check.sh [--size=gpu|test] [--out=DIR]      (PYTHON=/path/to/python picks the interpreter)
 #   gpu   the reference preset (224 px, reference models) on the machine's accelerator: what README's GPU figures come from
@@ -74,6 +75,6 @@ step "smoke: stage psfm" "$LIMIT" "$PYTHON" train.py --stage=psfm --out="$OUT/ps
 step "smoke: stage vlm" "$LIMIT" "$PYTHON" train.py --stage=vlm --out="$OUT/vlm" --init_spa3r="$OUT/psfm" $COMMON
 step "bench (eager)" 300 "$PYTHON" bench.py $BENCH
 step "CUDA-only tests" 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_bench.py -k cuda
-[ "$COMPILE" = 1 ] && step "bench (torch.compile)" 600 "$PYTHON" bench.py $BENCH --compile --loader_workers=0
+[ "$COMPILE" = 1 ] && step "bench (torch.compile)" 600 "$PYTHON" bench.py $BENCH --compile --profile --loader_workers=0
 echo "== gpu_check.sh: $failed step(s) failed; output in $OUT"
 exit $failed
