@@ -6,8 +6,9 @@ achieved TFLOP/s and MFU on CUDA; last, the same as a markdown table. A step is 
 (forward, backward, clipping, AdamW) on a synthetic batch of the stage's shapes, so the figures are the ones
 train.py logs, minus data loading; no data set or checkpoint is needed (weights are random, which costs the
 same). FLOPs are counted by train.stage_functions, i.e. by the flops functions of model.py, psfm.py and vlm.py.
-Last, stage psfm's data path (bench.loader): samples/s of one process and, with --loader_workers, of a
-DataLoader, beside the samples/s a GPU's step would take.
+With --profile, each stage's row is followed by where its step's time goes (bench.profile: busy time by kind of
+kernel, the longest kernels). Last, stage psfm's data path (bench.loader): samples/s of one process and, with
+--loader_workers, of a DataLoader, beside the samples/s a GPU's step would take.
 
 Usage:
     python bench.py                                    # reference preset on CUDA, tiny elsewhere
@@ -21,6 +22,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from tokenizers import Tokenizer, models
@@ -137,7 +139,7 @@ def measure(name, bench, preset, device):
               "samples_per_s": bench.steps * cfg.batch_size / seconds if bench.steps else None,
               "flops_per_s": log.flops / seconds if bench.steps else None,
               "memory": torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None}
-    step = lambda: train.train_step(stage, runner, optimizer, [batch], 0, cfg, run, log)  # noqa: E731
+    step = partial(train.train_step, stage, runner, optimizer, [batch], 0, cfg, run, log)
     return {**result, "profile": profile(step, device) if bench.profile else None}  # after the counts are read
 
 
