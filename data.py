@@ -529,9 +529,8 @@ def hash_seed(*values):
 def to_device(batch, device):
     """A batch on the device as the models take it: batches travel compact (data.collate_views, vlm.collate) and
     are widened there, uint8 images to floats in [0, 1], float16 depth to float32 and int16 class ids to int64.
-    "num_images" stays on the
-    host: how a batch's images split into records decides the shapes of the computation, and reading it back
-    from the GPU would stall every step."""
+    "num_images" stays on the host: how a batch's images split into records decides the shapes of the
+    computation, and reading it back from the GPU would stall every step."""
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "num_images" else v
              for k, v in batch.items()}
     if torch.is_tensor(batch.get("images")) and batch["images"].dtype == torch.uint8:
