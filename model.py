@@ -286,7 +286,6 @@ class GeoBackbone(nn.Module):
         self.camera_token = nn.Parameter(torch.randn(2, c.dim) * 0.02)
         self.frame_blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.mlp_ratio) for _ in range(c.cross_depth))
         self.global_blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.mlp_ratio) for _ in range(c.cross_depth))
-        self.rope = Rope2D(c.dim // c.num_heads, c.rope_base)
         self.norm = nn.LayerNorm(c.dim)
         self.depth_head = nn.Linear(c.dim, c.patch_size ** 2)  # log depth of each pixel of the patch
         # each pixel's 3D point in view 0's frame (VGGT's point map): a dense signal of how the views sit
@@ -323,7 +322,7 @@ class GeoBackbone(nn.Module):
         x = torch.cat([cam.expand(B, -1, -1)[:, :, None], x], 2)  # (B, V, S, D), S = 1 + R + N
         S = x.shape[2]
         pos = grid_positions(H // c.patch_size, W // c.patch_size, 1 + c.num_registers, x.device)
-        rope = self.rope(pos)
+        rope = self.vit.rope(pos)  # the ViT's tables: same head size and base
         attn_mask = None
         if context is not None:
             allowed = ~context[:, :, None] | context[:, None, :]  # (B, V_query, V_key)

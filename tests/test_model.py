@@ -149,7 +149,7 @@ def test_the_backbone_reads_its_rope_tables_at_its_tokens_positions():
     context = torch.tensor([[True, False, True], [True, True, False]])
     with torch.no_grad():
         tables = backbone.patch_tokens(images, context)
-        backbone.rope = FormulaRope(c.dim // c.num_heads, c.rope_base)
+        backbone.vit.rope = FormulaRope(c.dim // c.num_heads, c.rope_base)  # the cross-view blocks read it too
         assert torch.equal(backbone.patch_tokens(images, context), tables)
 
 
