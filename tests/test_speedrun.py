@@ -117,3 +117,21 @@ def test_speedrun_reuses_data_only_from_the_same_size(tmp_path):
     (out / "data.args").unlink()
     result, calls = fake_speedrun(tmp_path, "--size=test", f"--out={out}")
     assert result.returncode != 0 and calls == [] and str(out / "data") in result.stderr
+
+
+def test_speedrun_data_seed_reaches_the_generator_and_the_report(tmp_path):
+    out = tmp_path / "run"
+    result, calls = fake_speedrun(tmp_path, "--size=test", f"--out={out}", "--data_seed=7")
+    assert result.returncode == 0, result.stderr
+    generate = [call for call in calls if call[1] == "generate_spar.py"]
+    assert len(generate) == 1 and "--seed=7" in generate[0] and "--seed=0" not in generate[0]
+    assert "Command: `bash speedrun.sh --size=test --data_seed=7`" in (out / "report.md").read_text()
+    # the data of seed 7 is not taken for seed 0's: refused before any work, naming both argument strings
+    result, calls = fake_speedrun(tmp_path, "--size=test", f"--out={out}")
+    assert result.returncode != 0 and calls == [] and "--seed=7 " in result.stderr and "--seed=0 " in result.stderr
+    # the default seed is 0 and says nothing in the command line; a seed that is not a number is one line
+    result, calls = fake_speedrun(tmp_path, "--size=test", f"--out={tmp_path / 'default'}")
+    assert any("--seed=0" in call for call in calls if call[1] == "generate_spar.py")
+    assert "Command: `bash speedrun.sh --size=test`." in (tmp_path / "default" / "report.md").read_text()
+    result, calls = fake_speedrun(tmp_path, "--size=test", "--data_seed=-1")
+    assert result.returncode == 2 and calls == [] and len(result.stderr.splitlines()) == 1 and "-1" in result.stderr
